@@ -1,0 +1,175 @@
+"""train_loop(config): the whole training run, top to bottom. The only module that talks to ray.train."""
+
+import math
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import SubjectLatents
+from .export import export_adapter
+from .models import add_lora, add_placeholders, load_base
+from .task import PalpModel, PalpTask
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATE_FILE = "state.pt"
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def _ray_train():
+    """ray.train when this process is a Ray Train worker, else None (single-process run)."""
+    try:
+        import ray.train
+        ray.train.get_context()
+        return ray.train
+    except (ImportError, RuntimeError):
+        return None
+
+
+def build(config: TrainConfig, device: torch.device):
+    """Base model + placeholders + LoRA on `device`; frozen weights in the compute dtype."""
+    dtype = DTYPES[config.precision]
+    base = load_base(config.base_model)
+    embedding = add_placeholders(base.tokenizer, base.text_encoder, config.tokens,
+                                 tuple(s.class_word for s in config.subjects))
+    lora_params = add_lora(base.unet, config.rank, config.lora_alpha)
+    for module in (base.unet, base.text_encoder, base.vae):
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)  # trainables stay fp32 masters
+        module.to(device)
+    return base, embedding, lora_params
+
+
+def manifest(config: TrainConfig, step: int) -> dict:
+    return {
+        "base_model": config.base_model,
+        "placeholders": {s.token: s.class_word for s in config.subjects},
+        "subjects": [asdict(s) for s in config.subjects],
+        "target_prompt": config.target_prompt, "clean_prompt": config.clean_prompt,
+        "alignment": config.alignment, "alpha": config.alpha, "beta": config.beta,
+        "align_weight": config.align_weight, "rank": config.rank,
+        "lora_alpha": config.lora_alpha or config.rank, "steps": step, "resolution": config.resolution,
+    }
+
+
+def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, generator, config) -> Path:
+    """LoRA + embeddings (as an exported adapter), optimizer, step and every RNG state."""
+    export_adapter(directory, base.unet, embedding.rows, config.tokens, manifest(config, step))
+    torch.save({
+        "step": step,
+        "lora": {n: p.detach().cpu() for n, p in base.unet.named_parameters() if p.requires_grad},
+        "rows": embedding.rows.detach().cpu(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }, directory / STATE_FILE)
+    return directory
+
+
+def load_checkpoint(directory: Path, base, embedding, optimizer, generator) -> int:
+    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    params = dict(base.unet.named_parameters())
+    with torch.no_grad():
+        for name, value in state["lora"].items():
+            params[name].copy_(value)
+        embedding.rows.copy_(state["rows"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
+
+
+def train_loop(config: TrainConfig) -> dict:
+    """Train one PALP adapter; returns the last metrics. Runs alone or as a Ray Train worker."""
+    train = _ray_train()
+    rank, world = (0, 1)
+    if train is not None:
+        import ray.train.torch
+        context = train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    base, embedding, lora_params = build(config, device)
+    dtype = DTYPES[config.precision]
+    data = SubjectLatents(base.vae, [s.images for s in config.subjects], config.resolution, config.flip,
+                          config.allow_upscale, device, dtype)
+    model = PalpModel(base.unet, base.text_encoder)
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    task = PalpTask(config, base, model, embedding.first_id, device, dtype)
+    optimizer = torch.optim.AdamW([
+        {"params": lora_params, "lr": config.lr},
+        {"params": [embedding.rows], "lr": config.embedding_lr, "weight_decay": 0.0},
+    ], weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)  # data, t and noise: identical on every rank
+
+    step = 0
+    checkpoint = train.get_checkpoint() if train is not None else None
+    if checkpoint is not None:  # a Ray Train retry or a resumed sweep
+        with checkpoint.as_directory() as directory:
+            step = load_checkpoint(Path(directory), base, embedding, optimizer, generator)
+    elif config.resume_from:
+        step = load_checkpoint(Path(config.resume_from), base, embedding, optimizer, generator)
+
+    output = Path(config.output_dir)
+    global_batch = config.batch_size * world
+    bar = tqdm(total=config.steps, initial=step, disable=not config.progress or rank != 0, desc="palp")
+    metrics: dict = {}
+    started = time.perf_counter()
+    while step < config.steps:
+        logs = {}
+        for micro in range(config.grad_accum):
+            batch = task.make_batch(generator, data, global_batch, rank, world)
+            sync = model.no_sync() if world > 1 and micro < config.grad_accum - 1 else nullcontext()
+            with sync:
+                terms = task.training_step(batch)
+                for name, value in terms.items():
+                    v = value.item()  # one sync per term: cheap next to the UNet calls
+                    if not math.isfinite(v):
+                        raise NonFiniteLoss(f"step {step + 1}: {name} is {v}")
+                    logs[name] = logs.get(name, 0.0) + v / config.grad_accum
+                (sum(terms.values()) / config.grad_accum).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k.removesuffix("_loss"): f"{v:.4f}" for k, v in logs.items()})
+        metrics = {"step": step, **logs, "loss": sum(logs.values()),
+                   "train_seconds": time.perf_counter() - started}
+
+        ckpt_due = config.checkpoint_every and step % config.checkpoint_every == 0
+        if step in config.report_steps or ckpt_due:
+            if step in config.report_steps and config.eval is not None and rank == 0:
+                from .evaluate import evaluate_adapter
+                metrics.update(evaluate_adapter(config, base, step, output / "samples"))
+            metrics["time_total_s"] = time.perf_counter() - started
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint_dir = None
+                if rank == 0:
+                    checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, generator, config)
+                if train is not None:
+                    checkpoint = train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+                    train.report(metrics, checkpoint=checkpoint)
+                elif ckpt_due:
+                    shutil.copytree(tmp, output / "checkpoints" / f"step-{step:06d}", dirs_exist_ok=True)
+    bar.close()
+    if rank == 0:
+        export_adapter(output / "adapter", base.unet, embedding.rows, config.tokens, manifest(config, step))
+        metrics["adapter"] = str(output / "adapter")
+    return metrics
+
