@@ -1,5 +1,6 @@
 """train_loop(config): the whole training run, top to bottom. The only module that talks to ray.train."""
 
+import json
 import math
 import shutil
 import tempfile
@@ -62,6 +63,14 @@ def manifest(config: TrainConfig, step: int) -> dict:
     }
 
 
+def make_optimizer(config: TrainConfig, lora_params, embedding) -> torch.optim.Optimizer:
+    """AdamW; the placeholder rows get their own lr and no weight decay (textual inversion)."""
+    return torch.optim.AdamW([
+        {"params": lora_params, "lr": config.lr},
+        {"params": [embedding.rows], "lr": config.embedding_lr, "weight_decay": 0.0},
+    ], weight_decay=config.weight_decay)
+
+
 def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, generator, config) -> Path:
     """LoRA + embeddings (as an exported adapter), optimizer, step and every RNG state."""
     export_adapter(directory, base.unet, embedding.rows, config.tokens, manifest(config, step))
@@ -112,10 +121,7 @@ def train_loop(config: TrainConfig) -> dict:
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     task = PalpTask(config, base, model, embedding.first_id, device, dtype)
-    optimizer = torch.optim.AdamW([
-        {"params": lora_params, "lr": config.lr},
-        {"params": [embedding.rows], "lr": config.embedding_lr, "weight_decay": 0.0},
-    ], weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config, lora_params, embedding)
     generator = torch.Generator().manual_seed(config.seed)  # data, t and noise: identical on every rank
 
     step = 0
@@ -127,6 +133,9 @@ def train_loop(config: TrainConfig) -> dict:
         step = load_checkpoint(Path(config.resume_from), base, embedding, optimizer, generator)
 
     output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and step == 0:
+        (output / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run; a resumed one appends
     global_batch = config.batch_size * world
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress or rank != 0, desc="palp")
     metrics: dict = {}
@@ -151,6 +160,9 @@ def train_loop(config: TrainConfig) -> dict:
         bar.set_postfix({k.removesuffix("_loss"): f"{v:.4f}" for k, v in logs.items()})
         metrics = {"step": step, **logs, "loss": sum(logs.values()),
                    "train_seconds": time.perf_counter() - started}
+        if rank == 0:
+            with open(output / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
 
         ckpt_due = config.checkpoint_every and step % config.checkpoint_every == 0
         if step in config.report_steps or ckpt_due:

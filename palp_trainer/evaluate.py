@@ -1,0 +1,87 @@
+"""Milestone evaluation: sample the target prompt on fixed seeds from the live weights, then score (Sec. 5)."""
+
+import contextlib
+import functools
+import math
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers.utils import make_image_grid
+from PIL import Image
+
+from .config import EvalConfig, TrainConfig
+from .data import load_image
+from .models import Base
+
+SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+
+
+def pipeline_from(base: Base, sampler: str = "ddim") -> StableDiffusionPipeline:
+    """A stock pipeline around the in-memory (LoRA-wrapped, placeholder-aware) modules; no reload."""
+    pipe = StableDiffusionPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        scheduler=SAMPLERS[sampler].from_config(base.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe: StableDiffusionPipeline, prompt: str, seeds: tuple[int, ...], steps: int,
+             guidance_scale: float, batch_size: int, resolution: int, **call_kwargs) -> list[Image.Image]:
+    """One image per seed, in batches. Each image has its own CPU generator, so an image depends
+    only on its seed and the weights: identical across trials, devices' batch splits and reruns."""
+    images = []
+    dtype = pipe.unet.dtype
+    autocast = (torch.autocast(pipe.device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    for i in range(0, len(seeds), batch_size):
+        chunk = seeds[i:i + batch_size]
+        with autocast:
+            out = pipe(prompt=[prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
+                       height=resolution, width=resolution, **call_kwargs)
+        images += out.images
+    return images
+
+
+@functools.lru_cache(maxsize=2)
+def scorer_for(clip_model: str, dino_model: str | None, device: str):
+    """Scorers are loaded once per process and reused at every milestone."""
+    from .scoring import Scorer
+    return Scorer(clip_model=clip_model, dino_model=dino_model, device=torch.device(device))
+
+
+def save_grid(images: list[Image.Image], path: Path) -> Path:
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    blank = Image.new("RGB", images[0].size)
+    make_image_grid(images + [blank] * (rows * cols - len(images)), rows, cols).save(path)
+    return path
+
+
+def reference_images(config: TrainConfig) -> list[list[Image.Image]]:
+    """Each subject's inputs at training resolution, for CLIP-I / DINO against its own references."""
+    refs = []
+    for s in config.subjects:
+        pixels = [load_image(f, config.resolution, config.allow_upscale) for f in s.images]
+        refs.append([Image.fromarray(((p.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+                     for p in pixels])
+    return refs
+
+
+def evaluate_adapter(config: TrainConfig, base: Base, step: int, out_dir: Path,
+                     eval_config: EvalConfig | None = None) -> dict:
+    """Sample the target prompt with the current weights and score it; returns flat metrics."""
+    ev = eval_config or config.eval
+    started = time.perf_counter()
+    pipe = pipeline_from(base, ev.sampler)
+    images = generate(pipe, config.target_prompt, ev.image_seeds, ev.steps, ev.guidance_scale,
+                      ev.batch_size, config.resolution)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = save_grid(images, out_dir / f"step-{step:06d}.png")
+    scorer = scorer_for(ev.clip_model, ev.dino_model, str(pipe.device))
+    scores = scorer.score(images, config.clean_prompt, reference_images(config), ev.elements)
+    return {**scores, "eval_seconds": time.perf_counter() - started, "samples": str(grid)}
