@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -47,6 +48,21 @@ def read_manifest(directory: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no adapter at {directory}: {MANIFEST_FILE} is missing")
     return json.loads(path.read_text())
+
+
+def load_weights(directory: str | Path, unet, embedding) -> dict:
+    """Load an exported adapter into the trainer's own modules (LoRA-wrapped UNet, PlaceholderEmbedding)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    lora = load_file(directory / manifest["lora_file"])
+    lora = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in lora.items()})
+    result = set_peft_model_state_dict(unet, lora)
+    if result.unexpected_keys:
+        raise ValueError(f"{directory}: LoRA keys do not match this model: {result.unexpected_keys[:3]}")
+    with torch.no_grad():
+        for i, file in enumerate(manifest["embeddings"].values()):
+            embedding.rows[i] = next(iter(load_file(directory / file).values()))
+    return manifest
 
 
 def load_into_pipeline(pipe: StableDiffusionPipeline, directory: str | Path) -> dict:

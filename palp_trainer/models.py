@@ -95,7 +95,7 @@ def add_placeholders(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
     if tokenizer.convert_tokens_to_ids(list(tokens)) != list(range(first_id, first_id + len(tokens))):
         raise RuntimeError("placeholder ids are not contiguous after add_tokens")
     # grow the table so the ids are valid everywhere (pipelines, export); the new rows live in `rows`
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     table = text_encoder.get_input_embeddings()
     table.weight.requires_grad_(False)
     embedding = PlaceholderEmbedding(table, first_id, torch.stack(init))

@@ -1,0 +1,68 @@
+"""Base loading (tiny and from_pretrained), placeholders and LoRA placement."""
+
+import json
+
+import pytest
+import torch
+
+from palp_trainer.models import LORA_TARGETS, add_lora, add_placeholders, load_base
+from palp_trainer.tiny import main as tiny_main
+from palp_trainer.task import tokenize
+
+
+def test_tiny_directory_loads_back_through_from_pretrained(tmp_path):
+    assert tiny_main([str(tmp_path / "tiny")]) == 0
+    index = json.loads((tmp_path / "tiny" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    built, loaded = load_base("tiny"), load_base(str(tmp_path / "tiny"))
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(built, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    prompt = "An oil painting of a cat sitting on a rock"
+    assert built.tokenizer(prompt).input_ids == loaded.tokenizer(prompt).input_ids
+    assert loaded.noise_scheduler.config.prediction_type == "epsilon"
+
+
+def test_tiny_is_deterministic():
+    a, b = load_base("tiny"), load_base("tiny")
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
+
+
+def test_v_prediction_is_refused(tmp_path):
+    tiny_main([str(tmp_path / "v")])
+    cfg = tmp_path / "v" / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "prediction_type": "v_prediction"}))
+    with pytest.raises(ValueError, match="v_prediction"):
+        load_base(str(tmp_path / "v"))
+
+
+def test_placeholders_start_at_class_word_and_are_the_only_trainable_rows():
+    base = load_base("tiny")
+    table = base.text_encoder.get_input_embeddings().weight.detach().clone()
+    emb = add_placeholders(base.tokenizer, base.text_encoder, ("[V1]", "[V2]"), ("cat", "mug"))
+    for row, word in zip(emb.rows, ("cat", "mug")):
+        ids = base.tokenizer(word, add_special_tokens=False).input_ids
+        torch.testing.assert_close(row.detach(), table[ids].mean(0))
+    assert [n for n, p in base.text_encoder.named_parameters() if p.requires_grad] == ["embeddings.token_embedding.rows"]
+    ids = tokenize(base.tokenizer, ["A photo of [V1] and [V2]"], "cpu")
+    assert (ids == emb.first_id).sum() == 1 and (ids == emb.first_id + 1).sum() == 1
+    # the placeholder positions read the trainable rows
+    out = base.text_encoder.get_input_embeddings()(ids)[0]
+    pos = (ids[0] == emb.first_id).nonzero().item()
+    torch.testing.assert_close(out[pos], emb.rows[0].detach())
+
+
+def test_existing_token_is_refused_as_placeholder():
+    base = load_base("tiny")
+    with pytest.raises(ValueError, match="already a token"):
+        add_placeholders(base.tokenizer, base.text_encoder, ("cat</w>",), ("cat",))
+
+
+def test_lora_wraps_exactly_the_attention_projections():
+    base = load_base("tiny")
+    params = add_lora(base.unet, rank=4)
+    assert params and all(p.requires_grad and p.dtype == torch.float32 for p in params)
+    wrapped = {n.split(".lora_")[0] for n, _ in base.unet.named_parameters() if "lora_A" in n}
+    assert all(any(n.endswith(t) for t in LORA_TARGETS) for n in wrapped)
+    attn = [n for n, m in base.unet.named_modules() if n.endswith((".attn1", ".attn2"))]
+    assert len(wrapped) == 4 * len(attn)  # q, k, v, out in every self- and cross-attention
