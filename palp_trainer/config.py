@@ -1,6 +1,6 @@
 """TrainConfig: everything `train_loop` reads. Plain frozen dataclasses; no Ray or MLflow types."""
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 ALIGNMENTS = ("palp", "sds", "nfsd", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -97,6 +97,21 @@ class TrainConfig:
             lo, hi = getattr(self, name)
             if not 0 <= lo < hi <= 1000:
                 raise ValueError(f"{name}: need 0 <= lo < hi <= 1000, got {(lo, hi)}")
+
+    def to_dict(self) -> dict:
+        """Plain nested dicts (what Ray passes to workers); `from_dict` inverts it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["subjects"] = tuple(SubjectSpec(**{**s, "images": tuple(s["images"])}) for s in d["subjects"])
+        if d.get("eval") is not None:
+            d["eval"] = EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["eval"].items()})
+        for key in ("milestones", "t_range", "align_t_range"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
 
     @property
     def tokens(self) -> tuple[str, ...]:

@@ -101,8 +101,10 @@ def load_checkpoint(directory: Path, base, embedding, optimizer, generator) -> i
     return state["step"]
 
 
-def train_loop(config: TrainConfig) -> dict:
+def train_loop(config: TrainConfig | dict) -> dict:
     """Train one PALP adapter; returns the last metrics. Runs alone or as a Ray Train worker."""
+    if isinstance(config, dict):  # Ray Train hands workers the plain-dict form
+        config = TrainConfig.from_dict(config)
     train = _ray_train()
     rank, world = (0, 1)
     if train is not None:
@@ -139,6 +141,7 @@ def train_loop(config: TrainConfig) -> dict:
     global_batch = config.batch_size * world
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress or rank != 0, desc="palp")
     metrics: dict = {}
+    last_eval: dict = {}
     started = time.perf_counter()
     while step < config.steps:
         logs = {}
@@ -164,19 +167,23 @@ def train_loop(config: TrainConfig) -> dict:
             with open(output / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
 
-        ckpt_due = config.checkpoint_every and step % config.checkpoint_every == 0
-        if step in config.report_steps or ckpt_due:
-            if step in config.report_steps and config.eval is not None and rank == 0:
-                from .evaluate import evaluate_adapter
-                metrics.update(evaluate_adapter(config, base, step, output / "samples"))
+        milestone = step in config.report_steps
+        ckpt_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+        if milestone and config.eval is not None and rank == 0:
+            from .evaluate import evaluate_adapter
+            last_eval = evaluate_adapter(config, base, step, output / "samples")
+        metrics.update(last_eval)  # between milestones, reports carry the latest scores
+        # Tune needs its metric in every report: before the first evaluation only milestones report.
+        # The rule depends on `step` alone, so every rank makes the same number of report calls.
+        if milestone or (ckpt_due and (config.eval is None or step > config.report_steps[0])):
             metrics["time_total_s"] = time.perf_counter() - started
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint_dir = None
                 if rank == 0:
                     checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, generator, config)
                 if train is not None:
-                    checkpoint = train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-                    train.report(metrics, checkpoint=checkpoint)
+                    train.report(metrics, checkpoint=train.Checkpoint.from_directory(checkpoint_dir)
+                                 if checkpoint_dir else None)
                 elif ckpt_due:
                     shutil.copytree(tmp, output / "checkpoints" / f"step-{step:06d}", dirs_exist_ok=True)
     bar.close()
