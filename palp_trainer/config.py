@@ -79,6 +79,8 @@ class TrainConfig:
     resume_from: str | None = None
     eval: EvalConfig | None = None
     progress: bool = True
+    mlflow_uri: str | None = None  # rank 0 appends metrics/artifacts to this existing run
+    mlflow_run_id: str | None = None
 
     def __post_init__(self):
         if self.alignment not in ALIGNMENTS:

@@ -16,6 +16,8 @@ from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .models import Base, add_lora, add_placeholders, load_base
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 
@@ -24,7 +26,7 @@ def embeds_file(token: str) -> str:
     return f"learned_embeds-{re.sub(r'[^A-Za-z0-9]+', '', token) or 'token'}.safetensors"
 
 
-def export_adapter(directory: str | Path, unet, rows: torch.Tensor, tokens: tuple[str, ...], manifest: dict) -> Path:
+def export_adapter(directory: str | Path, unet, embedding, manifest: dict) -> Path:
     """Write `pytorch_lora_weights.safetensors`, `learned_embeds-*.safetensors` and `manifest.json`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,7 @@ def export_adapter(directory: str | Path, unet, rows: torch.Tensor, tokens: tupl
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),  # keeps lora_alpha: scale survives
     )
     files = {}
-    for token, row in zip(tokens, rows):
+    for token, row in zip(embedding.tokens, embedding.rows):
         files[token] = embeds_file(token)
         # {token: [d]}: the layout of diffusers' textual_inversion example, read by load_textual_inversion
         save_file({token: row.detach().float().cpu().contiguous()}, directory / files[token])
@@ -60,9 +62,23 @@ def load_weights(directory: str | Path, unet, embedding) -> dict:
     if result.unexpected_keys:
         raise ValueError(f"{directory}: LoRA keys do not match this model: {result.unexpected_keys[:3]}")
     with torch.no_grad():
-        for i, file in enumerate(manifest["embeddings"].values()):
-            embedding.rows[i] = next(iter(load_file(directory / file).values()))
+        for i, token in enumerate(embedding.tokens):
+            embedding.rows[i] = load_file(directory / manifest["embeddings"][token])[token]
     return manifest
+
+
+def load_adapter(directory: str | Path, device: torch.device | str = "cpu") -> tuple[Base, dict]:
+    """Base model named by the manifest + the adapter, as the trainer's own modules (for sampling)."""
+    manifest = read_manifest(directory)
+    base = load_base(manifest["base_model"])
+    tokens = tuple(manifest["tokens"])
+    embedding = add_placeholders(base.tokenizer, base.text_encoder, tokens,
+                                 tuple(manifest["placeholders"][t] for t in tokens))
+    add_lora(base.unet, manifest["rank"], manifest["lora_alpha"])
+    load_weights(directory, base.unet, embedding)
+    for module in (base.unet, base.text_encoder, base.vae):
+        module.to(device)
+    return base, manifest
 
 
 def load_into_pipeline(pipe: StableDiffusionPipeline, directory: str | Path) -> dict:

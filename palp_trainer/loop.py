@@ -16,6 +16,7 @@ from .config import TrainConfig
 from .data import SubjectLatents
 from .export import export_adapter
 from .models import add_lora, add_placeholders, load_base
+from .runlog import RunLog
 from .task import PalpModel, PalpTask
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,6 +56,7 @@ def manifest(config: TrainConfig, step: int) -> dict:
     return {
         "base_model": config.base_model,
         "placeholders": {s.token: s.class_word for s in config.subjects},
+        "tokens": list(config.tokens),
         "subjects": [asdict(s) for s in config.subjects],
         "target_prompt": config.target_prompt, "clean_prompt": config.clean_prompt,
         "alignment": config.alignment, "alpha": config.alpha, "beta": config.beta,
@@ -73,7 +75,7 @@ def make_optimizer(config: TrainConfig, lora_params, embedding) -> torch.optim.O
 
 def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, generator, config) -> Path:
     """LoRA + embeddings (as an exported adapter), optimizer, step and every RNG state."""
-    export_adapter(directory, base.unet, embedding.rows, config.tokens, manifest(config, step))
+    export_adapter(directory, base.unet, embedding, manifest(config, step))
     torch.save({
         "step": step,
         "lora": {n: p.detach().cpu() for n, p in base.unet.named_parameters() if p.requires_grad},
@@ -139,6 +141,7 @@ def train_loop(config: TrainConfig | dict) -> dict:
     if rank == 0 and step == 0:
         (output / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run; a resumed one appends
     global_batch = config.batch_size * world
+    log = RunLog(config.mlflow_uri, config.mlflow_run_id) if rank == 0 and config.mlflow_run_id else None
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress or rank != 0, desc="palp")
     metrics: dict = {}
     last_eval: dict = {}
@@ -166,12 +169,18 @@ def train_loop(config: TrainConfig | dict) -> dict:
         if rank == 0:
             with open(output / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+        if log:
+            log.metrics(step, logs)
 
         milestone = step in config.report_steps
         ckpt_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
         if milestone and config.eval is not None and rank == 0:
             from .evaluate import evaluate_adapter
             last_eval = evaluate_adapter(config, base, step, output / "samples")
+            if log:
+                log.metrics(step, last_eval)
+                log.artifact(last_eval["samples"], "samples")
+                log.flush()
         metrics.update(last_eval)  # between milestones, reports carry the latest scores
         # Tune needs its metric in every report: before the first evaluation only milestones report.
         # The rule depends on `step` alone, so every rank makes the same number of report calls.
@@ -188,7 +197,10 @@ def train_loop(config: TrainConfig | dict) -> dict:
                     shutil.copytree(tmp, output / "checkpoints" / f"step-{step:06d}", dirs_exist_ok=True)
     bar.close()
     if rank == 0:
-        export_adapter(output / "adapter", base.unet, embedding.rows, config.tokens, manifest(config, step))
+        export_adapter(output / "adapter", base.unet, embedding, manifest(config, step))
         metrics["adapter"] = str(output / "adapter")
+        if log:
+            log.flush()
+            log.artifacts(output / "adapter", "adapter")
     return metrics
 

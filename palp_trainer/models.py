@@ -57,10 +57,11 @@ class PlaceholderEmbedding(nn.Module):
     The base table stays frozen and bit-identical; ids >= `first_id` read from `rows` instead.
     """
 
-    def __init__(self, base: nn.Embedding, first_id: int, init: torch.Tensor):
+    def __init__(self, base: nn.Embedding, first_id: int, init: torch.Tensor, tokens: tuple[str, ...]):
         super().__init__()
         self.base = base
         self.first_id = first_id
+        self.tokens = tokens  # row i is tokens[i]
         self.rows = nn.Parameter(init.clone().float())  # [n_placeholders, d], fp32 master
 
     @property
@@ -98,7 +99,7 @@ def add_placeholders(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     table = text_encoder.get_input_embeddings()
     table.weight.requires_grad_(False)
-    embedding = PlaceholderEmbedding(table, first_id, torch.stack(init))
+    embedding = PlaceholderEmbedding(table, first_id, torch.stack(init), tuple(tokens))
     text_encoder.set_input_embeddings(embedding)
     return embedding
 

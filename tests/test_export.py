@@ -5,8 +5,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from palp_trainer.evaluate import pipeline_from
-from palp_trainer.export import load_into_pipeline, load_weights
-from palp_trainer.loop import build, train_loop
+from palp_trainer.export import load_adapter, load_into_pipeline
+from palp_trainer.loop import train_loop
 from palp_trainer.tiny import save_tiny
 from tests.conftest import tiny_config
 
@@ -26,8 +26,7 @@ def test_stock_pipeline_reproduces_our_generation(two_subjects, tmp_path):
     adapter = tmp_path / "run" / "adapter"
 
     # our path: the trainer's own modules (PlaceholderEmbedding, peft LoRA) with the exported weights
-    ours_base, embedding, _ = build(config, torch.device("cpu"))
-    load_weights(adapter, ours_base.unet, embedding)
+    ours_base, _ = load_adapter(adapter)
     ours = pipeline_from(ours_base)
     ours.scheduler = ours.scheduler.__class__.from_pretrained(base_dir, subfolder="scheduler")
 
