@@ -1,0 +1,73 @@
+"""Model registry: the best trial of each pair becomes a pyfunc model version; `champion` moves only forward."""
+
+import re
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+import palp_trainer
+from palp_trainer.pyfunc_model import SIGNATURE, PalpPipelineModel
+
+from .tracking import CHAMPION, TRIAL_TAG, Tracking
+
+REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "safetensors", "mlflow", "pillow"]
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+
+
+def model_name(template: str, subjects: list[str], prompt: str) -> str:
+    """`palp-{subjects}-{prompt_slug}` by default; registry names allow letters, digits, - and _."""
+    return template.format(subjects="-".join(slug(s) for s in subjects), prompt_slug=slug(prompt))
+
+
+def _better(new: float, old: float, mode: str) -> bool:
+    return new > old if mode == "max" else new < old
+
+
+def register_best(tracking: Tracking, recipe, pair: str, best: dict) -> dict:
+    """Log the best trial's adapter as a pyfunc model in its own run, register a version, tag it,
+    and move `champion` to it if it beats the current champion on the recipe's metric."""
+    client = MlflowClient(tracking.uri)
+    mlflow.set_tracking_uri(tracking.uri)
+    run = client.search_runs([tracking.experiment_id],
+                             filter_string=f"tags.`{TRIAL_TAG}` = '{best['trial_id']}'")[0]
+    subjects, prompt = recipe.pair_parts(pair)
+    name = model_name(recipe.mlflow.registered_model_template, [s.name for s in subjects], prompt.target)
+    metric, mode = recipe.mlflow.champion_metric or recipe.scheduler.metric, recipe.scheduler.mode
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter", dst_path=tmp)
+        with mlflow.start_run(run_id=run.info.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=PalpPipelineModel(), artifacts={"adapter": adapter},
+                signature=SIGNATURE, code_paths=[str(Path(palp_trainer.__file__).parent)],
+                pip_requirements=REQUIREMENTS,
+            )
+    version = mlflow.register_model(info.model_uri, name)
+    tags = {**{k: v for k, v in best["hparams"].items()}, "steps": best["step"], "base_model": recipe.base_model,
+            "recipe_hash": dict(tracking.common_params)["recipe_hash"], "source_run": run.info.run_id,
+            "pair": pair, **{f"metric.{k}": best[k] for k in ("clip_t", "clip_i", "composite") if k in best},
+            f"metric.{metric}": best[metric]}
+    if best.get("best_method"):
+        tags["best_method"] = best["best_method"]
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, str(value))
+    client.update_model_version(name, version.version, description=(
+        f"PALP adapter for {pair}.\ntarget prompt: {prompt.target}\nclean prompt: {prompt.clean}\n"
+        + "".join(f"{s.token} ({s.class_word}): {s.prompt}\n" for s in subjects)
+        + f"source run: {run.info.run_id}"))
+    promoted = True
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+        old = float(current.tags.get(f"metric.{metric}", "nan"))
+        if recipe.mlflow.promote_only_if_better and old == old and not _better(best[metric], old, mode):
+            promoted = False
+    except MlflowException:
+        pass  # no champion yet
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return {"name": name, "version": version.version, "champion": promoted}

@@ -1,0 +1,174 @@
+"""A recipe as one Ray Tune experiment: (subject set, prompt) pairs x hyperparameters, ASHA on milestones."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import ray
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from .recipe import Recipe, RecipeError
+from .registry import register_best
+from .search_space import param_space
+from .selection import pareto_front, plot_curves, plot_pareto
+from .tracking import Tracking, preflight, resolve_tracking_uri, start_sweep
+from .trial import is_remote, run_trial
+
+SCORE_KEYS = ("clip_t", "clip_i", "composite")
+
+
+def in_job_working_dir() -> bool:
+    """True under `ray job submit --working-dir`: the CWD is a temporary copy Ray deletes."""
+    return "runtime_resources" in os.getcwd()
+
+
+def resolve_storage(storage_path: str) -> str:
+    """Absolute storage root. In a job's temporary working dir a relative path goes under the home
+    directory instead, so outputs outlive the job (the sweep prints where)."""
+    if is_remote(storage_path) or os.path.isabs(os.path.expanduser(storage_path)):
+        return os.path.expanduser(storage_path)
+    if in_job_working_dir():
+        return str(Path.home() / "palp-sweep" / storage_path)
+    return str(Path(storage_path).resolve())
+
+
+def trial_resources(recipe: Recipe) -> dict:
+    r = recipe.resources
+    return {"CPU": r.workers_per_trial * r.cpus_per_worker,
+            "GPU": r.workers_per_trial * r.gpus_per_worker if r.use_gpu else 0}
+
+
+def max_concurrent(recipe: Recipe) -> int:
+    """Tune only counts its own (0-CPU) trial actor, not the Train workers: size concurrency from
+    the cluster so concurrent trials never starve each other's worker groups."""
+    if recipe.resources.max_concurrent_trials:
+        return recipe.resources.max_concurrent_trials
+    have = ray.cluster_resources()
+    need = trial_resources(recipe)
+    fits = [math.floor(have.get(k, 0) / v) for k, v in need.items() if v]
+    return max(1, min(fits))
+
+
+def scheduler(recipe: Recipe):
+    s, steps = recipe.scheduler, sorted(recipe.search.steps)
+    if s.type == "fifo":
+        return FIFOScheduler()
+    # rungs at milestones: time is the training step, grace is the grace_period-th milestone
+    return ASHAScheduler(time_attr="step", max_t=steps[-1], grace_period=steps[min(s.grace_period, len(steps)) - 1],
+                         reduction_factor=s.reduction_factor)
+
+
+def build_tuner(recipe: Recipe, storage: str, resume: bool, tracking: Tracking) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, recipe=recipe, storage_path=storage, tracking=tracking),
+        {"cpu": 0})  # the trial actor only waits on its TorchTrainer
+    experiment = os.path.join(storage, recipe.name)
+    if resume:
+        if not tune.Tuner.can_restore(experiment):
+            raise RecipeError(f"--resume: no sweep to resume at {experiment}")
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(recipe),
+        tune_config=tune.TuneConfig(
+            metric=recipe.scheduler.metric, mode=recipe.scheduler.mode, scheduler=scheduler(recipe),
+            num_samples=recipe.search.num_samples, max_concurrent_trials=max_concurrent(recipe),
+        ),
+        run_config=tune.RunConfig(name=recipe.name, storage_path=storage, verbose=1),
+    )
+
+
+def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str]]:
+    """Per pair: every trial's final scores, the Pareto front, the best trial; plots on disk."""
+    metric, sign = recipe.scheduler.metric, (1 if recipe.scheduler.mode == "max" else -1)
+    pairs: dict[str, list] = {p: [] for p in recipe.pair_ids()}
+    for result in results:
+        m = result.metrics or {}
+        row = {"trial_id": m.get("trial_id", Path(result.path).name), "pair": result.config["pair"],
+               "hparams": {k: v for k, v in result.config.items() if k != "pair"},
+               "alignment": result.config.get("alignment", recipe.train.alignment),
+               "step": m.get("step"), "error": str(result.error).splitlines()[0] if result.error else None,
+               "adapter": m.get("checkpoint_path"), **{k: m.get(k, float("nan")) for k in SCORE_KEYS},
+               metric: m.get(metric, float("nan"))}
+        df = result.metrics_dataframe
+        history = [] if df is None or "step" not in df else [
+            {k: float(r[k]) for k in ("step", *SCORE_KEYS) if k in df and not _nan(r[k])}
+            for r in df.to_dict("records")]
+        pairs[row["pair"]].append((row, history))
+    summary, failed = {}, []
+    for pair, trials in pairs.items():
+        rows = [r for r, _ in trials]
+        ok = [r for r in rows if r["error"] is None and not _nan(r[metric])]
+        for i in pareto_front([(r["clip_t"], r["clip_i"]) for r in rows]):
+            rows[i]["pareto"] = True
+        best = max(ok, key=lambda r: sign * r[metric]) if ok else None
+        out = report_dir / pair
+        out.mkdir(parents=True, exist_ok=True)
+        plots = {}
+        if rows:
+            plots["pareto"] = str(plot_pareto(rows, out / "pareto.png", pair))
+            plots["curves"] = str(plot_curves({r["trial_id"]: h for r, h in trials}, out / "curves.png",
+                                              list(SCORE_KEYS)))
+        summary[pair] = {"best": best, "trials": rows, "plots": plots}
+        if best is None:
+            reasons = "; ".join(sorted({r["error"] or "no score" for r in rows})) or "no trial ran"
+            failed.append(f"{pair}: {reasons}")
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary, failed
+
+
+def print_summary(recipe: Recipe, summary: dict) -> None:
+    metric = recipe.scheduler.metric
+    for pair, s in summary.items():
+        print(f"\n== {pair} ==")
+        print(f"{'trial':<18} {'step':>5} {'clip_t':>7} {'clip_i':>7} {metric:>10}  front  hyperparameters")
+        for r in sorted(s["trials"], key=lambda r: str(r["trial_id"])):
+            star = "*" if s["best"] is r else " "
+            hp = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(r["hparams"].items()))
+            print(f"{star}{str(r['trial_id']):<17} {str(r['step']):>5} {_fmt(r['clip_t']):>7} "
+                  f"{_fmt(r['clip_i']):>7} {_fmt(r[metric]):>10}  {'yes' if r.get('pareto') else '':<5}  {hp}"
+                  + (f"  ERROR: {r['error']}" if r["error"] else ""))
+        if s["best"]:
+            print(f"best: {s['best']['trial_id']}  adapter: {s['best']['adapter']}")
+        for name, path in s["plots"].items():
+            print(f"{name}: {path}")
+
+
+def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = None,
+              overrides: tuple[str, ...] = ()) -> int:
+    storage = resolve_storage(recipe.storage_path)
+    uri = resolve_tracking_uri(recipe.mlflow.tracking_uri, storage, in_job=in_job_working_dir())
+    preflight(uri, nodes=1)  # unreachable or misconfigured: exit 2 before Ray starts
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    preflight(uri, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
+    tracking = start_sweep(uri, recipe, recipe_path, storage, overrides)
+    print(f"palp-sweep: {recipe.name}: {len(recipe.pair_ids())} pair(s)\n  storage: {storage}\n  mlflow:  {uri}")
+    results = build_tuner(recipe, storage, resume, tracking).fit()
+    report_dir = (Path(storage) if not is_remote(storage) else Path.cwd() / "runs") / recipe.name / "report"
+    summary, failed = summarize(recipe, results, report_dir)
+    client = MlflowClient(uri)
+    client.log_artifacts(tracking.parent_run_id, str(report_dir), "report")
+    print_summary(recipe, summary)
+    registered = [register_best(tracking, recipe, pair, s["best"]) for pair, s in summary.items() if s["best"]]
+    client.set_terminated(tracking.parent_run_id, "FAILED" if failed else "FINISHED")
+    print(f"\nsummary: {report_dir / 'summary.json'}")
+    for r in registered:
+        print(f"registered: models:/{r['name']}/{r['version']}" + ("  (champion)" if r["champion"] else ""))
+    print(f"browse: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"browse: {uri}")
+    if failed:
+        print("palp-sweep: pairs with no finished trial: " + " | ".join(failed))
+        return 1
+    return 0
+
+
+def _nan(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,132 @@
+"""MLflow on the driver side: preflight, experiment / parent run / child runs, registry and champion alias.
+
+Workers never create runs: a trial's child run is created (or found again, on retry and `--resume`)
+here, and rank 0 of its Ray Train workers only appends metrics and artifacts to that run id.
+"""
+
+import hashlib
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from .recipe import RecipeError
+
+TRIAL_TAG = "palp.trial_id"
+SWEEP_TAG = "palp.sweep"
+CHAMPION = "champion"
+
+
+class TrackingError(RecipeError):
+    """An unusable tracking URI; exits 2 before any trial starts."""
+
+
+def resolve_tracking_uri(configured: str | None, storage: str, in_job: bool) -> str:
+    """The recipe's URI, else $MLFLOW_TRACKING_URI, else MLflow's own default: sqlite `mlflow.db`
+    in the working directory (under `ray job submit`, in the storage path, which outlives the job)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path(storage) if in_job else Path.cwd()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def preflight(uri: str, nodes: int) -> None:
+    """Fail fast, with one line, on a tracking URI the trials could not write to."""
+    if nodes > 1 and is_local_store(uri):
+        raise TrackingError(f"mlflow.tracking_uri: {uri} is a local store, but the Ray cluster has {nodes} nodes "
+                            "whose workers cannot write to it; run `mlflow server` and set mlflow.tracking_uri "
+                            "(or MLFLOW_TRACKING_URI) to its http:// address")
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(f"mlflow.tracking_uri: cannot reach {uri}: {getattr(e, 'reason', e)}") from None
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        raise TrackingError(f"mlflow.tracking_uri: {uri} is not usable: {str(e).splitlines()[0]}") from None
+
+
+def versions() -> dict:
+    out = {}
+    for dist in ("palp-sweep", "torch", "diffusers", "peft", "transformers", "ray", "mlflow"):
+        try:
+            out[f"version.{dist}"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[f"version.{dist}"] = "none"
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        sha = ""
+    out["git_sha"] = sha or "unknown"
+    return out
+
+
+def recipe_hash(recipe_path: str | None, overrides: tuple[str, ...] = ()) -> str:
+    text = Path(recipe_path).read_bytes() if recipe_path else b""
+    return hashlib.sha256(text + "\n".join(overrides).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """What a trial needs to find its child run: picklable, no client objects."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    common_params: tuple[tuple[str, str], ...]
+
+    def child_run(self, pair: str, trial_id: str, hparams: dict) -> str:
+        """The trial's nested run `<pair>/<trial id>`; found again, never duplicated, on retry/resume."""
+        client = MlflowClient(self.uri)
+        found = client.search_runs([self.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'")
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(self.experiment_id, run_name=f"{pair}/{trial_id}", tags={
+            "mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial_id, "palp.pair": pair})
+        params = {**dict(self.common_params), **{k: str(v) for k, v in hparams.items()}, "pair": pair}
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, value)
+        return run.info.run_id
+
+
+def start_sweep(uri: str, recipe, recipe_path: str | None, storage: str, overrides=()) -> Tracking:
+    """Experiment per recipe name; one parent run per sweep (found again on `--resume`)."""
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    name = recipe.mlflow.experiment or recipe.name
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        artifacts = None
+        if uri.startswith("sqlite:"):  # keep artifacts beside the store, not in a job's temp dir
+            artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(name, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    sweep_key = f"{storage}/{recipe.name}"
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_key}'")
+    common = {"base_model": recipe.base_model, "recipe_hash": recipe_hash(recipe_path, tuple(overrides)),
+              "resolution": str(recipe.resolution), "precision": recipe.precision, **versions()}
+    if found:
+        parent = found[0].info.run_id
+    else:
+        parent = client.create_run(experiment_id, run_name=recipe.name, tags={SWEEP_TAG: sweep_key}).info.run_id
+        for key, value in common.items():
+            client.log_param(parent, key, value)
+        if recipe_path:
+            client.log_artifact(parent, recipe_path, "recipe")
+    return Tracking(uri, experiment_id, parent, tuple(sorted(common.items())))

@@ -1,0 +1,69 @@
+"""One Tune trial: a Ray Train TorchTrainer running `train_loop` on the trial's (pair, hyperparameters)."""
+
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+from mlflow import MlflowClient
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from palp_trainer.loop import train_loop
+
+from .recipe import Recipe
+from .search_space import train_config
+from .tracking import Tracking
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def scaling_config(recipe: Recipe) -> ray.train.ScalingConfig:
+    r = recipe.resources
+    per_worker = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        per_worker["GPU"] = r.gpus_per_worker
+    return ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu,
+                                   resources_per_worker=per_worker)
+
+
+def trial_output_dir(storage_path: str, recipe: Recipe, pair: str, trial_id: str) -> str:
+    """Where rank 0 writes samples, metrics.jsonl and the final adapter.
+
+    With remote storage this is node-local scratch; the adapter also travels in every checkpoint.
+    """
+    root = Path(tempfile.gettempdir()) / "palp-sweep" if is_remote(storage_path) else Path(storage_path)
+    return str(root / recipe.name / "trials" / f"{pair}" / trial_id)
+
+
+def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Tracking) -> None:
+    """Tune function trainable. Metrics reach Tune through TuneReportCallback at every milestone."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    hparams = {k: v for k, v in params.items() if k != "pair"}
+    run_id = tracking.child_run(params["pair"], trial_id, hparams)
+    config = train_config(recipe, params["pair"], hparams,
+                          trial_output_dir(storage_path, recipe, params["pair"], trial_id))
+    config = replace(config, mlflow_uri=tracking.uri, mlflow_run_id=run_id)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config.to_dict(),
+        scaling_config=scaling_config(recipe),
+        run_config=ray.train.RunConfig(
+            # named after the Tune trial: a retry or `--resume` finds this run's checkpoints
+            name=f"train-{trial_id}",
+            storage_path=os.path.join(storage_path, recipe.name, "train"),
+            failure_config=ray.train.FailureConfig(max_failures=recipe.resources.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.resources.checkpoints_to_keep),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    try:
+        trainer.fit()
+    except BaseException:
+        MlflowClient(tracking.uri).set_terminated(run_id, "FAILED")
+        raise
+    MlflowClient(tracking.uri).set_terminated(run_id, "FINISHED")
