@@ -9,7 +9,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import palp_trainer
-from palp_trainer.pyfunc_model import SIGNATURE, PalpPipelineModel
+from palp_trainer import pyfunc_model
+from palp_trainer.pyfunc_model import SIGNATURE
 
 from .tracking import CHAMPION, TRIAL_TAG, Tracking
 
@@ -43,10 +44,11 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict) -> dict:
         adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter", dst_path=tmp)
         with mlflow.start_run(run_id=run.info.run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=PalpPipelineModel(), artifacts={"adapter": adapter},
-                signature=SIGNATURE, code_paths=[str(Path(palp_trainer.__file__).parent)],
-                pip_requirements=REQUIREMENTS,
+                name="model", python_model=pyfunc_model.__file__, artifacts={"adapter": adapter},
+                code_paths=[str(Path(palp_trainer.__file__).parent)], pip_requirements=REQUIREMENTS,
             )
+        # predict's type hints give inputs/outputs; the params (seed, steps, ...) are added here
+        mlflow.models.set_signature(info.model_uri, SIGNATURE)
     version = mlflow.register_model(info.model_uri, name)
     tags = {**{k: v for k, v in best["hparams"].items()}, "steps": best["step"], "base_model": recipe.base_model,
             "recipe_hash": dict(tracking.common_params)["recipe_hash"], "source_run": run.info.run_id,

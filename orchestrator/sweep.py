@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import ray
@@ -64,7 +65,7 @@ def scheduler(recipe: Recipe):
 def build_tuner(recipe: Recipe, storage: str, resume: bool, tracking: Tracking) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, recipe=recipe, storage_path=storage, tracking=tracking),
-        {"cpu": 0})  # the trial actor only waits on its TorchTrainer
+        {"cpu": 0.01})  # the trial actor only waits on its TorchTrainer: next to no CPU
     experiment = os.path.join(storage, recipe.name)
     if resume:
         if not tune.Tuner.can_restore(experiment):
@@ -90,7 +91,7 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
         row = {"trial_id": m.get("trial_id", Path(result.path).name), "pair": result.config["pair"],
                "hparams": {k: v for k, v in result.config.items() if k != "pair"},
                "alignment": result.config.get("alignment", recipe.train.alignment),
-               "step": m.get("step"), "error": str(result.error).splitlines()[0] if result.error else None,
+               "step": m.get("step"), "error": _reason(result.error) if result.error else None,
                "adapter": m.get("checkpoint_path"), **{k: m.get(k, float("nan")) for k in SCORE_KEYS},
                metric: m.get(metric, float("nan"))}
         df = result.metrics_dataframe
@@ -164,6 +165,12 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
         print("palp-sweep: pairs with no finished trial: " + " | ".join(failed))
         return 1
     return 0
+
+
+def _reason(error: BaseException) -> str:
+    """The exception line a person needs: the last line of the worker traceback, ANSI colours stripped."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    return next((line for line in reversed(lines) if line), type(error).__name__)
 
 
 def _nan(x) -> bool:

@@ -83,5 +83,6 @@ def evaluate_adapter(config: TrainConfig, base: Base, step: int, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = save_grid(images, out_dir / f"step-{step:06d}.png")
     scorer = scorer_for(ev.clip_model, ev.dino_model, str(pipe.device))
-    scores = scorer.score(images, config.clean_prompt, reference_images(config), ev.elements)
+    scores = scorer.score(images, config.clean_prompt, reference_images(config), ev.elements,
+                          ev.weight_text, ev.weight_image)
     return {**scores, "eval_seconds": time.perf_counter() - started, "samples": str(grid)}

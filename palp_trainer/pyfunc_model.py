@@ -1,5 +1,7 @@
 """MLflow pyfunc flavor of an exported adapter: `predict(prompts) -> PNG bytes`.
 
+Logged as a model from code (this file, with palp_trainer as code_paths), so nothing is pickled.
+
     model = mlflow.pyfunc.load_model("models:/palp-cat-a-sketch-of-v1@champion")
     pngs = model.predict(["A sketch of [V1]"], params={"seed": 0, "steps": 25, "guidance_scale": 7.5})
 """
@@ -28,21 +30,21 @@ class PalpPipelineModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from .evaluate import pipeline_from
-        from .export import load_adapter
+        from palp_trainer.evaluate import pipeline_from
+        from palp_trainer.export import load_adapter
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base, self.manifest = load_adapter(context.artifacts["adapter"], device)
         self.pipe = pipeline_from(self.base)
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[bytes]:
-        from .evaluate import generate
+        from palp_trainer.evaluate import generate
         p = {**DEFAULT_PARAMS, **(params or {})}
         resolution = self.manifest["resolution"]
         if p["method"] == "cfg":
             images = [generate(self.pipe, prompt, (int(p["seed"]),), int(p["steps"]), float(p["guidance_scale"]),
                                1, resolution)[0] for prompt in model_input]
         else:
-            from .guidance import sample
+            from palp_trainer.guidance import sample
             images = [sample(self.pipe, prompt, p["method"], omega=float(p["omega"]), seeds=(int(p["seed"]),),
                              steps=int(p["steps"]), guidance_scale=float(p["guidance_scale"]), batch_size=1,
                              resolution=resolution, placeholders=self.manifest["placeholders"])[0]
@@ -53,3 +55,6 @@ class PalpPipelineModel(mlflow.pyfunc.PythonModel):
             image.save(buffer, format="PNG")  # lossless: the bytes decode to the exact sampled pixels
             out.append(buffer.getvalue())
         return out
+
+
+mlflow.models.set_model(PalpPipelineModel())
