@@ -1,0 +1,75 @@
+"""Pareto front on hand-made point sets; report plots are real PNGs."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from orchestrator.selection import pareto_front, plot_curves, plot_pareto
+
+NAN = float("nan")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def dominates(q, p):
+    return q[0] >= p[0] and q[1] >= p[1] and q != p
+
+
+@pytest.mark.parametrize("points, front", [
+    ([], []),
+    ([(0.3, 0.7)], [0]),
+    ([(1, 1), (2, 0.5), (0.5, 2), (0.8, 0.8), (0.5, 0.5)], [0, 1, 2]),
+    ([(1, 1), (1, 1), (0.5, 0.5)], [0, 1]),  # identical points: both on the front
+    ([(1, 1), (1, 0.5)], [0]),  # equal in one coordinate, worse in the other: dominated
+    ([(0.5, 1), (1, 1)], [1]),
+    ([(0, 3), (1, 2), (2, 1), (3, 0)], [0, 1, 2, 3]),  # a falling line: all trade-offs
+    ([(0, 0), (1, 1), (2, 2)], [2]),  # a rising line: only the top
+    ([(NAN, 1), (0.5, 0.5), (1, NAN)], [1]),  # NaN: never on the front
+    ([(NAN, 5), (1, 1), (NAN, NAN)], [1]),  # and never dominates
+    ([(NAN, NAN)], []),
+])
+def test_pareto_front(points, front):
+    assert pareto_front(points) == front
+
+
+def test_pareto_front_random_points_against_the_definition():
+    rng = np.random.default_rng(0)
+    points = [tuple(p) for p in rng.integers(0, 6, size=(60, 2)).astype(float)]  # many ties
+    front = set(pareto_front(points))
+    for i, p in enumerate(points):
+        assert (i in front) == (not any(dominates(q, p) for q in points))
+
+
+def assert_png(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    with Image.open(path) as img:
+        assert img.width > 0 and img.height > 0
+
+
+def test_plot_pareto_writes_a_png(tmp_path):
+    rows = [{"trial_id": "t0", "clip_t": 0.30, "clip_i": 0.70, "alignment": "palp"},
+            {"trial_id": "t1", "clip_t": 0.34, "clip_i": 0.60, "alignment": "palp"},
+            {"trial_id": "t2", "clip_t": 0.25, "clip_i": 0.55, "alignment": "palp"},
+            {"trial_id": "base", "clip_t": 0.28, "clip_i": 0.75, "alignment": "none"},
+            {"trial_id": "failed", "clip_t": NAN, "clip_i": NAN, "alignment": "palp"}]
+    path = plot_pareto(rows, tmp_path / "pareto.png", "cat / sketch")
+    assert path == tmp_path / "pareto.png"
+    assert_png(path)
+
+
+def test_plot_pareto_with_no_scored_trial(tmp_path):
+    rows = [{"trial_id": "failed", "clip_t": NAN, "clip_i": NAN, "alignment": "none"}]
+    assert_png(plot_pareto(rows, str(tmp_path / "pareto.png"), "empty"))
+
+
+def test_plot_curves_writes_a_png(tmp_path):
+    histories = {
+        "t0": [{"step": s, "clip_t": 0.2 + 0.01 * s, "clip_i": 0.8 - 0.01 * s, "composite": 0.4} for s in (0, 5, 10)],
+        "t1": [{"step": 0, "clip_t": 0.25}, {"step": 5, "clip_t": 0.27, "clip_i": 0.6}],  # a metric missing
+        "t2": [],  # failed before its first evaluation
+    }
+    path = plot_curves(histories, tmp_path / "curves.png", ["clip_t", "clip_i", "composite"])
+    assert_png(path)
+    assert_png(plot_curves({}, tmp_path / "empty.png", ["composite"]))
+    with pytest.raises(ValueError, match="at least one metric"):
+        plot_curves(histories, tmp_path / "none.png", [])
