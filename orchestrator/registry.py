@@ -10,6 +10,7 @@ from mlflow.exceptions import MlflowException
 
 import palp_trainer
 from palp_trainer import pyfunc_model
+from palp_trainer.export import read_manifest
 from palp_trainer.pyfunc_model import SIGNATURE
 
 from .tracking import CHAMPION, TRIAL_TAG, Tracking
@@ -42,6 +43,7 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict) -> dict:
     metric, mode = recipe.mlflow.champion_metric or recipe.scheduler.metric, recipe.scheduler.mode
     with tempfile.TemporaryDirectory() as tmp:
         adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter", dst_path=tmp)
+        manifest = read_manifest(adapter)
         with mlflow.start_run(run_id=run.info.run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=pyfunc_model.__file__, artifacts={"adapter": adapter},
@@ -50,7 +52,8 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict) -> dict:
         # predict's type hints give inputs/outputs; the params (seed, steps, ...) are added here
         mlflow.models.set_signature(info.model_uri, SIGNATURE)
     version = mlflow.register_model(info.model_uri, name)
-    tags = {**{k: v for k, v in best["hparams"].items()}, "steps": best["step"], "base_model": recipe.base_model,
+    tags = {**best["hparams"], **{k: manifest[k] for k in ("alpha", "beta", "rank", "alignment", "align_weight")},
+            "steps": manifest["steps"], "base_model": manifest["base_model"],
             "recipe_hash": dict(tracking.common_params)["recipe_hash"], "source_run": run.info.run_id,
             "pair": pair, **{f"metric.{k}": best[k] for k in ("clip_t", "clip_i", "composite") if k in best},
             f"metric.{metric}": best[metric]}

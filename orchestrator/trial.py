@@ -18,6 +18,9 @@ from .search_space import train_config
 from .tracking import Tracking
 
 
+NOT_PARAMS = {"subjects", "eval", "output_dir", "progress", "mlflow_uri", "mlflow_run_id", "resume_from"}
+
+
 def is_remote(path: str) -> bool:
     return "://" in path
 
@@ -44,9 +47,11 @@ def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Trackin
     """Tune function trainable. Metrics reach Tune through TuneReportCallback at every milestone."""
     trial_id = ray.tune.get_context().get_trial_id()
     hparams = {k: v for k, v in params.items() if k != "pair"}
-    run_id = tracking.child_run(params["pair"], trial_id, hparams)
     config = train_config(recipe, params["pair"], hparams,
                           trial_output_dir(storage_path, recipe, params["pair"], trial_id))
+    # every effective hyperparameter, searched or not (subjects, prompts and eval are in the parent run)
+    knobs = {k: v for k, v in config.to_dict().items() if k not in NOT_PARAMS}
+    run_id = tracking.child_run(params["pair"], trial_id, knobs)
     config = replace(config, mlflow_uri=tracking.uri, mlflow_run_id=run_id)
     trainer = TorchTrainer(
         train_loop,
