@@ -92,7 +92,8 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
                "hparams": {k: v for k, v in result.config.items() if k != "pair"},
                "alignment": result.config.get("alignment", recipe.train.alignment),
                "step": m.get("step"), "error": _reason(result.error) if result.error else None,
-               "adapter": m.get("checkpoint_path"), **{k: m.get(k, float("nan")) for k in SCORE_KEYS},
+               "adapter": m.get("checkpoint_path"), "best_method": m.get("best_method"),
+               **{k: m.get(k, float("nan")) for k in SCORE_KEYS},
                metric: m.get(metric, float("nan"))}
         df = result.metrics_dataframe
         history = [] if df is None or "step" not in df else [
@@ -134,6 +135,8 @@ def print_summary(recipe: Recipe, summary: dict) -> None:
                   + (f"  ERROR: {r['error']}" if r["error"] else ""))
         if s["best"]:
             print(f"best: {s['best']['trial_id']}  adapter: {s['best']['adapter']}")
+            if s["best"]["best_method"]:
+                print(f"best sampling method: {s['best']['best_method']}")
         for name, path in s["plots"].items():
             print(f"{name}: {path}")
 

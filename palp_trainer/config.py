@@ -18,6 +18,40 @@ class SubjectSpec:
     prompt: str  # y_P, e.g. "A photo of [V1]"
 
 
+METHODS = ("cfg", "pg", "alignit")
+
+
+def _method_labels(spec) -> list[str]:
+    """Recipe method entries -> labels: "cfg", "alignit", "pg-0.6" (one per ω; MLflow-safe names)."""
+    labels = []
+    for entry in spec:
+        if isinstance(entry, str) and "-" in entry:  # already a label (e.g. from to_dict)
+            name, omega = entry.split("-", 1)
+            entry = {name: {"omega": float(omega)}}
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ValueError(f"methods: each entry is a name or {{name: {{options}}}}, got {entry!r}")
+        (name, options), = entry.items()
+        if name not in METHODS:
+            raise ValueError(f"methods: unknown method {name!r}; choose from {METHODS}")
+        if name != "pg":
+            labels.append(name)
+            continue
+        omegas = (options or {}).get("omega", 0.6)
+        for omega in omegas if isinstance(omegas, (list, tuple)) else [omegas]:
+            if not 0 <= float(omega) <= 1:
+                raise ValueError(f"methods: pg omega must be in [0, 1], got {omega}")
+            labels.append(f"pg-{float(omega):g}")
+    return list(dict.fromkeys(labels))
+
+
+def method_of(label: str) -> tuple[str, dict]:
+    """"pg-0.6" -> ("pg", {"omega": 0.6})."""
+    name, _, omega = label.partition("-")
+    return name, ({"omega": float(omega)} if omega else {})
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Milestone sampling and scoring (Sec. 5 protocol)."""
@@ -33,8 +67,11 @@ class EvalConfig:
     elements: tuple[str, ...] = ()  # per-element text alignment (Table 2 columns)
     weight_text: float = 1.0  # composite = clip_t^wt * clip_i^wi, normalized (geometric mean)
     weight_image: float = 1.0
+    # sampling methods compared on the finished trial: ["cfg", {"pg": {"omega": [0.4, 0.6]}}, "alignit"]
+    methods: tuple = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(_method_labels(self.methods)))
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.num_images < 1 or self.steps < 1 or self.batch_size < 1:

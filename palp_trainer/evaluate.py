@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusio
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-from .config import EvalConfig, TrainConfig
+from .config import EvalConfig, TrainConfig, method_of
 from .data import load_image
 from .models import Base
 
@@ -86,3 +86,26 @@ def evaluate_adapter(config: TrainConfig, base: Base, step: int, out_dir: Path,
     scores = scorer.score(images, config.clean_prompt, reference_images(config), ev.elements,
                           ev.weight_text, ev.weight_image)
     return {**scores, "eval_seconds": time.perf_counter() - started, "samples": str(grid)}
+
+
+def evaluate_methods(config: TrainConfig, base: Base, step: int, out_dir: Path) -> dict:
+    """Score the finished trial under every configured sampling method on the same seeds (issue: AlignIT,
+    personalization guidance vs CFG); returns `method/<label>/<score>` and the winning `best_method`."""
+    from .guidance import sample
+    ev = config.eval
+    pipe = pipeline_from(base, ev.sampler)
+    scorer = scorer_for(ev.clip_model, ev.dino_model, str(pipe.device))
+    references = reference_images(config)
+    placeholders = {s.token: s.class_word for s in config.subjects}
+    out, composites = {}, {}
+    for label in ev.methods:
+        method, kwargs = method_of(label)
+        images = sample(pipe, config.target_prompt, method, seeds=ev.image_seeds, steps=ev.steps,
+                        guidance_scale=ev.guidance_scale, batch_size=ev.batch_size, resolution=config.resolution,
+                        placeholders=placeholders, **kwargs)
+        save_grid(images, out_dir / f"step-{step:06d}-{label}.png")
+        scores = scorer.score(images, config.clean_prompt, references, ev.elements, ev.weight_text, ev.weight_image)
+        out.update({f"method/{label}/{k}": v for k, v in scores.items()})
+        composites[label] = scores["composite"]
+    out["best_method"] = max(composites, key=composites.get)
+    return out

@@ -177,6 +177,9 @@ def train_loop(config: TrainConfig | dict) -> dict:
         if milestone and config.eval is not None and rank == 0:
             from .evaluate import evaluate_adapter
             last_eval = evaluate_adapter(config, base, step, output / "samples")
+            if step == config.steps and config.eval.methods:
+                from .evaluate import evaluate_methods
+                last_eval.update(evaluate_methods(config, base, step, output / "samples"))
             if log:
                 log.metrics(step, last_eval)
                 log.artifact(last_eval["samples"], "samples")
