@@ -1,6 +1,5 @@
 """Model registry: the best trial of each pair becomes a pyfunc model version; `champion` moves only forward."""
 
-import re
 import tempfile
 from pathlib import Path
 
@@ -13,18 +12,10 @@ from palp_trainer import pyfunc_model
 from palp_trainer.export import read_manifest
 from palp_trainer.pyfunc_model import SIGNATURE
 
+from .recipe import slugify
 from .tracking import CHAMPION, TRIAL_TAG, Tracking
 
 REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "safetensors", "mlflow", "pillow"]
-
-
-def slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
-
-
-def model_name(template: str, subjects: list[str], prompt: str) -> str:
-    """`palp-{subjects}-{prompt_slug}` by default; registry names allow letters, digits, - and _."""
-    return template.format(subjects="-".join(slug(s) for s in subjects), prompt_slug=slug(prompt))
 
 
 def _better(new: float, old: float, mode: str) -> bool:
@@ -39,7 +30,8 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict) -> dict:
     run = client.search_runs([tracking.experiment_id],
                              filter_string=f"tags.`{TRIAL_TAG}` = '{best['trial_id']}'")[0]
     subjects, prompt = recipe.pair_parts(pair)
-    name = model_name(recipe.mlflow.registered_model_template, [s.name for s in subjects], prompt.target)
+    name = recipe.mlflow.registered_model_template.format(
+        subjects="-".join(slugify(s.name) for s in subjects), prompt_slug=prompt.slug)
     metric, mode = recipe.mlflow.champion_metric or recipe.scheduler.metric, recipe.scheduler.mode
     with tempfile.TemporaryDirectory() as tmp:
         adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter", dst_path=tmp)

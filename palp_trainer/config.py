@@ -2,6 +2,7 @@
 
 from dataclasses import asdict, dataclass
 
+TINY_RESOLUTION = 32  # px of the built-in tiny model (its VAE downsamples 2x: latents [4, 16, 16])
 ALIGNMENTS = ("palp", "sds", "nfsd", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAMPLERS = ("ddim", "dpm")

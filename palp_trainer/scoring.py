@@ -13,13 +13,14 @@ from PIL import Image
 from transformers import (AutoImageProcessor, AutoModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer,
                           ViTConfig, ViTImageProcessorPil, ViTModel)
 
+from .config import TINY_RESOLUTION
+
 SCORE_CONVENTION = "raw cosine (not 2.5x CLIPScore)"
 COMPOSITE_EPS = 1e-6  # cosines <= 0 are clamped here so the log in `composite` stays finite
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_TINY_RESOLUTION = 32
 
 
 def _placeholder_pattern(tokens) -> re.Pattern:
@@ -63,11 +64,11 @@ def _tiny_clip():
         text_config=dict(**layers, vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(**layers, image_size=_TINY_RESOLUTION, patch_size=8),
+        vision_config=dict(**layers, image_size=TINY_RESOLUTION, patch_size=8),
         projection_dim=16,
     )
-    processor = CLIPImageProcessorPil(size={"shortest_edge": _TINY_RESOLUTION},
-                                      crop_size={"height": _TINY_RESOLUTION, "width": _TINY_RESOLUTION},
+    processor = CLIPImageProcessorPil(size={"shortest_edge": TINY_RESOLUTION},
+                                      crop_size={"height": TINY_RESOLUTION, "width": TINY_RESOLUTION},
                                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     return CLIPModel(config), processor, tokenizer
 
@@ -75,8 +76,8 @@ def _tiny_clip():
 def _tiny_dino():
     torch.manual_seed(0)
     model = ViTModel(ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                               image_size=_TINY_RESOLUTION, patch_size=8))
-    processor = ViTImageProcessorPil(size={"height": _TINY_RESOLUTION, "width": _TINY_RESOLUTION},
+                               image_size=TINY_RESOLUTION, patch_size=8))
+    processor = ViTImageProcessorPil(size={"height": TINY_RESOLUTION, "width": TINY_RESOLUTION},
                                      image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
     return model, processor
 

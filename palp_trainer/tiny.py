@@ -12,7 +12,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-TINY_RESOLUTION = 32  # px; the VAE downsamples 2x, so latents are [4, 16, 16]
+from .config import TINY_RESOLUTION
+
 
 # Whole-word merges for these words, so prompts tokenize into a handful of ids like real CLIP BPE.
 _WORDS = (

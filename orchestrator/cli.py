@@ -1,0 +1,94 @@
+"""`palp-sweep`: argv -> Recipe (+ key=value overrides) -> sweep; or the `models` / `generate` subcommands."""
+
+import argparse
+import sys
+
+from palp_trainer.data import DataError
+
+from .recipe import Recipe, RecipeError, format_value, load_recipe
+
+SUBCOMMANDS = ("models", "generate")
+
+
+class UsageError(ValueError):
+    """A command line that cannot work; printed as one `palp-sweep: error:` line, exit 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="palp-sweep",
+        description="Run a PALP recipe as a Ray Tune sweep of Ray Train jobs, tracked in MLflow.",
+        epilog="other commands: `palp-sweep models ...` (registered adapters), "
+               "`palp-sweep generate ...` (sample from an adapter); add -h to either for help.")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/smoke.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override a recipe field, e.g. train.rank=4 search.alpha=[7.5,15] subjects[0].class_word=dog")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the trial table and resources; run nothing")
+    p.add_argument("--resume", action="store_true", help="continue the sweep stored under storage_path/<name>")
+    return p
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain aligned columns; the header is the union of the rows' keys in first-seen order."""
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[format_value(row.get(c, "")) for c in cols] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def dry_run(recipe: Recipe) -> None:
+    from .search_space import expand_trials
+
+    rows = expand_trials(recipe)
+    s, r = recipe.search, recipe.resources
+    grid = len(rows) // (len(recipe.pair_ids()) * s.num_samples)
+    print(f"recipe {recipe.name}: {len(rows)} trial(s) = {len(recipe.pair_ids())} pair(s) x {grid} grid point(s)"
+          f" x {s.num_samples} sample(s)")
+    print(f"base_model {recipe.base_model}, {recipe.resolution} px, {recipe.precision}; train to step "
+          f"{max(s.steps)}, report at {', '.join(map(str, s.steps))}; scheduler {recipe.scheduler.type} on "
+          f"{recipe.scheduler.metric} ({recipe.scheduler.mode})")
+    print()
+    print(format_table(rows))
+    print()
+    gpus = r.workers_per_trial * r.gpus_per_worker
+    global_batch = r.workers_per_trial * recipe.train.batch_size * recipe.train.grad_accum
+    print(f"resources per trial: {r.workers_per_trial} worker(s) x ({r.cpus_per_worker:g} CPU"
+          + (f", {r.gpus_per_worker:g} GPU" if r.use_gpu else "") + f") = {r.workers_per_trial * r.cpus_per_worker:g}"
+          f" CPU, {gpus:g} GPU; global batch {global_batch}")
+    print("max concurrent trials: " + (str(r.max_concurrent_trials) if r.max_concurrent_trials
+                                       else "as many as the cluster fits (decided at run time)"))
+    print(f"storage: {recipe.storage_path}/{recipe.name}")
+
+
+def _sweep(argv: list[str]) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    if args.dry_run and args.resume:
+        raise UsageError("--dry-run and --resume do not combine: a dry run starts nothing to resume")
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        dry_run(recipe)
+        return 0
+    from .sweep import run_sweep  # imports Ray, MLflow and the trainer
+
+    return run_sweep(recipe, resume=args.resume, recipe_path=args.recipe, overrides=tuple(args.overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] == "models":
+            from .registry_cli import main as models_main
+            return models_main(argv[1:])
+        if argv and argv[0] == "generate":
+            from .generate import main as generate_main
+            return generate_main(argv[1:])
+        return _sweep(argv)
+    except (RecipeError, DataError, UsageError) as e:
+        print(f"palp-sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
