@@ -42,11 +42,13 @@ def trial_resources(recipe: Recipe) -> dict:
             "GPU": r.workers_per_trial * r.gpus_per_worker if r.use_gpu else 0}
 
 
-def max_concurrent(recipe: Recipe) -> int:
+def max_concurrent(recipe: Recipe) -> int | None:
     """Tune only counts its own (0-CPU) trial actor, not the Train workers: size concurrency from
     the cluster so concurrent trials never starve each other's worker groups."""
     if recipe.resources.max_concurrent_trials:
         return recipe.resources.max_concurrent_trials
+    if os.environ.get("RAY_ADDRESS"):
+        return None  # an existing (possibly autoscaling) cluster: queued worker groups make it grow
     have = ray.cluster_resources()
     need = trial_resources(recipe)
     fits = [math.floor(have.get(k, 0) / v) for k, v in need.items() if v]
@@ -122,6 +124,17 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
     return summary, failed
 
 
+def mark_stopped(tracking: Tracking, summary: dict, last_step: int) -> None:
+    """Trials ASHA stopped never reach their own `set_terminated`: close their runs as KILLED."""
+    client = MlflowClient(tracking.uri)
+    for s in summary.values():
+        for row in s["trials"]:
+            if row["error"] is None and row["step"] is not None and row["step"] < last_step:
+                run_id = tracking.child_run(row["pair"], row["trial_id"], {})
+                client.set_tag(run_id, "palp.stopped_early_at", str(row["step"]))
+                client.set_terminated(run_id, "KILLED")
+
+
 def print_summary(recipe: Recipe, summary: dict) -> None:
     metric = recipe.scheduler.metric
     for pair, s in summary.items():
@@ -156,6 +169,7 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
     report_dir = (Path(storage) if not is_remote(storage) else Path.cwd() / "runs") / recipe.name / "report"
     summary, failed = summarize(recipe, results, report_dir)
     client = MlflowClient(uri)
+    mark_stopped(tracking, summary, max(recipe.search.steps))
     client.log_artifacts(tracking.parent_run_id, str(report_dir), "report")
     print_summary(recipe, summary)
     registered = [register_best(tracking, recipe, pair, s["best"]) for pair, s in summary.items() if s["best"]]

@@ -233,7 +233,7 @@ def test_dry_run_smoke_prints_one_row_per_trial(capsys):
     header = next(i for i, line in enumerate(lines) if line.startswith("trial "))
     rows = lines[header + 1:lines.index("", header)]
     assert len(rows) == 2
-    assert {row.split()[2] for row in rows} == {"7.5", "15"}  # the alpha grid
+    assert {tuple(row.split()[2:4]) for row in rows} == {("7.5", "palp"), ("7.5", "none")}  # the alignment grid
     assert "resources per trial: 1 worker(s)" in out
 
 
@@ -241,7 +241,7 @@ def test_dry_run_with_overrides(capsys):
     code, out, _ = run_main([str(ROOT / "recipes" / "smoke.yaml"), "search.alpha=[5,7.5,15]", "search.num_samples=2",
                              "--dry-run"], capsys)
     assert code == 0
-    assert "6 trial(s) = 1 pair(s) x 3 grid point(s) x 2 sample(s)" in out
+    assert "12 trial(s) = 1 pair(s) x 6 grid point(s) x 2 sample(s)" in out  # 3 alphas x 2 alignments
 
 
 def test_module_entry_point_has_no_traceback(tmp_path):

@@ -1,6 +1,7 @@
 """The smoke sweep end to end: local Ray, a real `mlflow server` (sqlite), the registry, pyfunc, resume."""
 
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -77,20 +78,26 @@ def test_runs_params_metrics_and_artifacts(sweep):
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and len(children) == 2  # the smoke grid: alpha in [7.5, 15]
+    assert len(parents) == 1 and len(children) == 2  # the smoke grid: alignment in [palp, none]
     assert parents[0].data.params["base_model"] == "tiny"
     assert {"recipe_hash", "version.torch", "version.diffusers", "version.ray", "git_sha"} <= set(parents[0].data.params)
     for child in children:
         pair, trial_id = child.info.run_name.split("/")
         assert pair == child.data.tags["palp.pair"] and trial_id == child.data.tags["palp.trial_id"]
-        assert float(child.data.params["alpha"]) in (7.5, 15.0)
+        assert float(child.data.params["alpha"]) == 7.5 and child.data.params["rank"] == "4"
         losses = client.get_metric_history(child.info.run_id, "denoise_loss")
         scores = client.get_metric_history(child.info.run_id, "clip_t")
         assert [m.step for m in losses] == list(range(1, len(losses) + 1)) and len(losses) in (4, 8)
         assert [m.step for m in scores] == [4, 8][:len(scores)] and scores
         samples = [a.path for a in client.list_artifacts(child.info.run_id, "samples")]
         assert "samples/step-000004.png" in samples
-    finished = [c for c in children if len(client.get_metric_history(c.info.run_id, "denoise_loss")) == 8]
+    summary = json.loads((sweep["storage"] / "smoke" / "report" / "summary.json").read_text())
+    [trials] = [s["trials"] for s in summary.values()]
+    # ASHA stopped the weaker baseline at the first milestone (its run is marked so in MLflow)
+    assert {t["hparams"]["alignment"]: t["step"] for t in trials} == {"palp": 8, "none": 4}
+    status = {c.data.params["alignment"]: client.get_run(c.info.run_id).info.status for c in children}
+    assert status == {"palp": "FINISHED", "none": "KILLED"}
+    finished = [c for c in children if c.data.params["alignment"] == "palp"]
     adapter = {a.path for a in client.list_artifacts(finished[0].info.run_id, "adapter")}
     assert {"adapter/pytorch_lora_weights.safetensors", "adapter/manifest.json",
             "adapter/learned_embeds-V1.safetensors"} <= adapter
