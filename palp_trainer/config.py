@@ -20,37 +20,64 @@ class SubjectSpec:
 
 
 METHODS = ("cfg", "pg", "alignit")
+DEFAULT_OMEGA = 0.6  # PG's best subject fidelity on SD 2.1 DB-LoRA+TI (papers/README.md)
+_OPTIONS = {"cfg": (), "pg": ("omega",), "alignit": ()}
 
 
-def _method_labels(spec) -> list[str]:
-    """Recipe method entries -> labels: "cfg", "alignit", "pg-0.6" (one per ω; MLflow-safe names)."""
-    labels = []
-    for entry in spec:
-        if isinstance(entry, str) and "-" in entry:  # already a label (e.g. from to_dict)
-            name, omega = entry.split("-", 1)
-            entry = {name: {"omega": float(omega)}}
-        if isinstance(entry, str):
-            entry = {entry: {}}
-        if not isinstance(entry, dict) or len(entry) != 1:
-            raise ValueError(f"methods: each entry is a name or {{name: {{options}}}}, got {entry!r}")
-        (name, options), = entry.items()
-        if name not in METHODS:
-            raise ValueError(f"methods: unknown method {name!r}; choose from {METHODS}")
-        if name != "pg":
-            labels.append(name)
-            continue
-        omegas = (options or {}).get("omega", 0.6)
-        for omega in omegas if isinstance(omegas, (list, tuple)) else [omegas]:
-            if not 0 <= float(omega) <= 1:
-                raise ValueError(f"methods: pg omega must be in [0, 1], got {omega}")
-            labels.append(f"pg-{float(omega):g}")
-    return list(dict.fromkeys(labels))
+def check_omega(omega: float, where: str = "omega") -> float:
+    if isinstance(omega, bool) or not isinstance(omega, (int, float)) or not 0.0 <= omega <= 1.0:
+        raise ValueError(f"{where}: ω must be a number in [0, 1] (0 = base model, 1 = plain CFG), got {omega!r}")
+    return float(omega)
+
+
+def parse_methods(spec) -> list[tuple[str, str, dict]]:
+    """Recipe list -> [(label, method, kwargs)]: `["cfg", {"pg": {"omega": [0.4, 0.6]}}, "alignit"]` ->
+    `[("cfg", "cfg", {}), ("pg-0.4", "pg", {"omega": 0.4}), ("pg-0.6", "pg", {"omega": 0.6}), ("alignit", ...)]`.
+
+    A bare "pg" means ω = DEFAULT_OMEGA. Labels are unique; they name metrics and files."""
+    spec = [_from_label(e) for e in spec] if isinstance(spec, (list, tuple)) else spec
+    if isinstance(spec, (str, dict)) or not spec:
+        raise ValueError(f"methods: give a non-empty list such as ['cfg', 'pg', 'alignit'], got {spec!r}")
+    out = []
+    for i, entry in enumerate(spec):
+        where = f"methods[{i}]"
+        items = [(entry, {})] if isinstance(entry, str) else list(entry.items()) if isinstance(entry, dict) else None
+        if not items:
+            raise ValueError(f"{where}: expected a method name or {{name: {{option: value}}}}, got {entry!r}")
+        for name, options in items:
+            if name not in METHODS:
+                raise ValueError(f"{where}: unknown method {name!r}; choose from {', '.join(METHODS)}")
+            if not isinstance(options, dict):
+                raise ValueError(f"{where}: options of {name!r} must be a mapping, got {options!r}")
+            unknown = sorted(set(options) - set(_OPTIONS[name]))
+            if unknown:
+                allowed = ", ".join(_OPTIONS[name]) or "none"
+                raise ValueError(f"{where}: {name!r} has no option {unknown[0]!r} (options: {allowed})")
+            if name != "pg":
+                out.append((name, name, {}))
+                continue
+            omegas = options.get("omega", DEFAULT_OMEGA)
+            for omega in omegas if isinstance(omegas, (list, tuple)) else [omegas]:
+                omega = check_omega(omega, f"{where}: pg")
+                out.append((f"pg-{omega:g}", "pg", {"omega": omega}))  # MLflow-safe: no "@" in metric names
+    labels = [label for label, _, _ in out]
+    duplicate = next((label for label in labels if labels.count(label) > 1), None)
+    if duplicate:
+        raise ValueError(f"methods: {duplicate!r} is listed twice")
+    return out
+
+
+def _from_label(entry):
+    """A label read back from to_dict ("pg-0.6") -> its recipe form ({"pg": {"omega": 0.6}})."""
+    if isinstance(entry, str) and entry.startswith("pg-"):
+        return {"pg": {"omega": float(entry[3:])}}
+    return entry
 
 
 def method_of(label: str) -> tuple[str, dict]:
     """"pg-0.6" -> ("pg", {"omega": 0.6})."""
-    name, _, omega = label.partition("-")
-    return name, ({"omega": float(omega)} if omega else {})
+    _, method, kwargs = parse_methods([label])[0]
+    return method, kwargs
 
 
 @dataclass(frozen=True)
@@ -72,7 +99,8 @@ class EvalConfig:
     methods: tuple = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "methods", tuple(_method_labels(self.methods)))
+        if self.methods:
+            object.__setattr__(self, "methods", tuple(label for label, _, _ in parse_methods(list(self.methods))))
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.num_images < 1 or self.steps < 1 or self.batch_size < 1:

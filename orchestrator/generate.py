@@ -1,0 +1,225 @@
+"""`palp-sweep generate SOURCE --prompt ...`: sample an exported adapter with CFG, personalization guidance
+or AlignIT on fixed seeds, save the images and a grid, and score them when the references are at hand.
+
+    palp-sweep generate runs/smoke/.../adapter --prompt "A sketch of [V1]" --method cfg,pg,alignit --seeds 0,1,2,3
+    palp-sweep generate "models:/palp-cat-a-sketch-of-v1@champion" --prompt "A sketch of [V1]" --method pg --omega 0.6
+
+SOURCE is an adapter directory (manifest.json + LoRA + learned embeddings) or an MLflow model URI whose
+artifacts hold one. Also runs as `python -m orchestrator.generate`.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from palp_trainer.guidance import DEFAULT_OMEGA, METHODS, alignit_prompts, parse_methods, sample
+from palp_trainer.scoring import Scorer, placeholders_in, replace_placeholders
+
+from .recipe import slugify
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+_TINY_TEXT_HIDDEN = 32  # palp_trainer.tiny's text encoder; real SD text encoders are 768 or 1024 wide
+
+
+class _BadInput(Exception):
+    """Printed as one `palp-sweep: error:` line; exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage + error and exit; we want one line
+        raise _BadInput(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="palp-sweep generate",
+                description="Sample an adapter with CFG, personalization guidance (pg) or AlignIT on fixed seeds.")
+    p.add_argument("source", help="exported adapter directory, or an MLflow model URI (models:/<name>@champion)")
+    p.add_argument("--prompt", required=True, help='with the adapter\'s placeholders, e.g. "A sketch of [V1]"')
+    p.add_argument("--seeds", default="0,1,2,3", help="comma list; one image per seed (default 0,1,2,3)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale w (default 7.5)")
+    p.add_argument("--method", default="cfg",
+                   help=f"one of {', '.join(METHODS)}, or a comma list for a side-by-side grid (default cfg)")
+    p.add_argument("--omega", default=str(DEFAULT_OMEGA),
+                   help=f"pg's weak-model scale ω in [0, 1]; a comma list gives one pg row each (default {DEFAULT_OMEGA})")
+    p.add_argument("--out", help="output folder (default generated/<prompt slug>)")
+    p.add_argument("--clip-model", help=f"CLIP for CLIP-T / CLIP-I (default {DEFAULT_CLIP}; 'tiny' for the tiny base)")
+    p.add_argument("--no-score", action="store_true", help="skip CLIP-T / CLIP-I")
+    p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def _numbers(text: str, kind, option: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise _BadInput(f"{option}: expected a comma list of {kind.__name__}s, got {text!r}") from None
+    return values
+
+
+def _adapter_dir(source: str) -> Path:
+    """The adapter folder: SOURCE itself, or the folder holding manifest.json in the downloaded MLflow model."""
+    if "://" not in source and not source.startswith(("models:/", "runs:/")):
+        return Path(source)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from palp_trainer.export import MANIFEST_FILE
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+    except (MlflowException, OSError) as e:
+        raise _BadInput(f"{source}: cannot download it: {e}") from None
+    manifests = sorted(local.rglob(MANIFEST_FILE), key=lambda p: len(p.parts))
+    if not manifests:
+        raise _BadInput(f"{source}: the downloaded model holds no adapter ({MANIFEST_FILE})")
+    return manifests[0].parent
+
+
+def _default_clip(base_model: str) -> str:
+    """'tiny' for the built-in tiny base (in code, or a folder written by `python -m palp_trainer.tiny`):
+    scoring its 32 px toys needs no real CLIP download."""
+    config = Path(base_model) / "text_encoder" / "config.json"
+    if base_model == "tiny" or (config.is_file() and
+                                json.loads(config.read_text()).get("hidden_size") == _TINY_TEXT_HIDDEN):
+        return "tiny"
+    return DEFAULT_CLIP
+
+
+def _references(manifest: dict, used: list[str]) -> tuple[list[list[Image.Image]] | None, str]:
+    """Each prompted subject's training images, or (None, why not)."""
+    refs = []
+    for subject in manifest["subjects"]:
+        if subject["token"] not in used:
+            continue
+        files = [Path(f) for f in subject["images"]]
+        missing = [f for f in files if not f.is_file()]
+        if not files:
+            return None, f"the manifest lists no reference images for {subject['token']}"
+        if missing:
+            return None, f"the reference images of {subject['token']} are gone ({missing[0]})"
+        refs.append([_rgb(f) for f in files])
+    return refs, ""
+
+
+@contextmanager
+def _quiet_hub():
+    """Offline, the hub client logs a line per retry of every file; the one error line says it once."""
+    log = logging.getLogger("huggingface_hub")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _first_line(error: Exception) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def _rgb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _run(args) -> int:
+    omegas = _numbers(args.omega, float, "--omega")
+    entries = [{"pg": {"omega": omegas}} if m == "pg" else m for m in args.method.split(",")]
+    try:
+        methods = parse_methods(entries)
+    except ValueError as e:
+        raise _BadInput(str(e).replace("methods[", "--method entry [")) from None
+    seeds = _numbers(args.seeds, int, "--seeds")
+    if len(set(seeds)) != len(seeds):
+        raise _BadInput(f"--seeds: each seed once, got {args.seeds}")
+    if args.steps < 1 or args.batch_size < 1:
+        raise _BadInput("--steps and --batch-size must be >= 1")
+    if any(method == "pg" for _, method, _ in methods) and args.guidance_scale <= 1:
+        raise _BadInput(f"--guidance-scale: pg needs CFG (> 1), got {args.guidance_scale:g}")
+
+    # diffusers' pipelines load in seconds: only after the command line is known to be good
+    from diffusers.utils import make_image_grid
+
+    from palp_trainer.evaluate import pipeline_from
+    from palp_trainer.export import load_adapter, read_manifest
+
+    adapter = _adapter_dir(args.source)
+    try:
+        manifest = read_manifest(adapter)
+    except FileNotFoundError as e:
+        raise _BadInput(str(e)) from None
+    used = placeholders_in(args.prompt, manifest["tokens"])
+    if not used:
+        raise _BadInput(f"--prompt: {args.prompt!r} holds none of the adapter's placeholders "
+                        f"{', '.join(manifest['tokens'])}")
+    clean = replace_placeholders(args.prompt, manifest["placeholders"])
+
+    scorer, refs, why = None, None, "--no-score"
+    if not args.no_score:
+        refs, why = _references(manifest, used)
+    if refs:  # load before sampling: a missing checkpoint fails in seconds, not after the images
+        clip = args.clip_model or _default_clip(manifest["base_model"])
+        try:
+            with _quiet_hub():
+                scorer = Scorer(clip_model=clip, dino_model=None, device=args.device)
+        except (OSError, ValueError) as e:
+            raise _BadInput(f"--clip-model {clip}: cannot load it ({_first_line(e)}); "
+                            "pass a local CLIP folder, --clip-model tiny, or --no-score") from None
+
+    try:
+        with _quiet_hub():
+            base, _ = load_adapter(adapter, args.device)
+    except OSError as e:
+        raise _BadInput(f"base model {manifest['base_model']!r} of {adapter}: cannot load it "
+                        f"({_first_line(e)})") from None
+    pipe = pipeline_from(base, args.sampler)
+    if any(method == "alignit" for _, method, _ in methods):
+        try:  # p / p′ problems (spans that cannot be aligned) before anything is sampled
+            alignit_prompts(pipe.tokenizer, args.prompt, manifest["placeholders"])
+        except ValueError as e:
+            raise _BadInput(str(e)) from None
+
+    out = Path(args.out) if args.out else Path("generated") / slugify(args.prompt)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for label, method, kwargs in methods:
+        rows[label] = sample(pipe, args.prompt, method, **kwargs, seeds=seeds, steps=args.steps,
+                             guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                             resolution=manifest["resolution"], placeholders=manifest["placeholders"])
+        for seed, image in zip(seeds, rows[label]):
+            path = out / f"{label}-seed{seed}.png"
+            image.save(path)
+            print(path)
+    grid = out / "grid.png"
+    make_image_grid([im for images in rows.values() for im in images], len(rows), len(seeds)).save(grid)
+    print(f"{grid}  (rows: {', '.join(rows)}; columns: seeds {', '.join(map(str, seeds))})")
+
+    if scorer is None:
+        print(f"scores skipped: {why}")
+        return 0
+    print(f"scores vs {clean!r} ({scorer.clip_id}, raw cosine):")
+    width = max(map(len, rows))
+    for label, images in rows.items():
+        s = scorer.score(images, clean, refs)
+        print(f"  {label:<{width}}  clip_t {s['clip_t']:.4f}  clip_i {s['clip_i']:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    except _BadInput as e:
+        print(f"palp-sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
