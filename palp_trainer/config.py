@@ -96,7 +96,7 @@ class EvalConfig:
     weight_text: float = 1.0  # composite = clip_t^wt * clip_i^wi, normalized (geometric mean)
     weight_image: float = 1.0
     # sampling methods compared on the finished trial: ["cfg", {"pg": {"omega": [0.4, 0.6]}}, "alignit"]
-    methods: tuple = ()
+    methods: tuple[object, ...] = ()  # parsed by parse_methods into labels
 
     def __post_init__(self):
         if self.methods:

@@ -98,6 +98,8 @@ def test_runs_params_metrics_and_artifacts(sweep):
     status = {c.data.params["alignment"]: client.get_run(c.info.run_id).info.status for c in children}
     assert status == {"palp": "FINISHED", "none": "KILLED"}
     finished = [c for c in children if c.data.params["alignment"] == "palp"]
+    for method in ("cfg", "pg-0.6", "alignit"):  # every sampling method scored on the finished trial
+        assert client.get_metric_history(finished[0].info.run_id, f"method/{method}/composite")
     adapter = {a.path for a in client.list_artifacts(finished[0].info.run_id, "adapter")}
     assert {"adapter/pytorch_lora_weights.safetensors", "adapter/manifest.json",
             "adapter/learned_embeds-V1.safetensors"} <= adapter
@@ -112,6 +114,7 @@ def test_registry_version_alias_and_pyfunc(sweep, tmp_path):
     assert model.name == "palp-cat-a-sketch-of-v1"
     version = client.get_model_version_by_alias(model.name, "champion")
     assert {"alpha", "beta", "rank", "steps", "base_model", "recipe_hash", "metric.composite"} <= set(version.tags)
+    assert version.tags["best_method"] in ("cfg", "pg-0.6", "alignit")
     assert "A sketch of [V1]" in version.description
 
     import mlflow
