@@ -16,7 +16,6 @@ from .config import TrainConfig
 from .data import SubjectLatents
 from .export import export_adapter
 from .models import add_lora, add_placeholders, load_base
-from .runlog import RunLog
 from .task import PalpModel, PalpTask
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -141,7 +140,10 @@ def train_loop(config: TrainConfig | dict) -> dict:
     if rank == 0 and step == 0:
         (output / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run; a resumed one appends
     global_batch = config.batch_size * world
-    log = RunLog(config.mlflow_uri, config.mlflow_run_id) if rank == 0 and config.mlflow_run_id else None
+    log = None
+    if rank == 0 and config.mlflow_run_id:
+        from .runlog import RunLog  # MLflow only where a run was handed in
+        log = RunLog(config.mlflow_uri, config.mlflow_run_id)
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress or rank != 0, desc="palp")
     metrics: dict = {}
     last_eval: dict = {}
