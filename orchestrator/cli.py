@@ -5,7 +5,8 @@ import sys
 
 from palp_trainer.data import DataError
 
-from .recipe import Recipe, RecipeError, format_value, load_recipe
+from .recipe import Recipe, RecipeError, format_value
+from .recipe_yaml import load_recipe
 
 SUBCOMMANDS = ("models", "generate")
 

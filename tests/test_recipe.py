@@ -7,8 +7,8 @@ import pytest
 import yaml
 from ray.tune.search.sample import Categorical, Float
 
-from orchestrator.recipe import (Recipe, RecipeError, TrainDefaults, TINY_RESOLUTION, apply_override,
-                                 load_recipe)
+from orchestrator.recipe import TINY_RESOLUTION, Recipe, RecipeError, TrainDefaults
+from orchestrator.recipe_yaml import apply_override, load_recipe
 from orchestrator.search_space import expand_trials, param_space, train_config
 from palp_trainer.config import TrainConfig
 from tests.conftest import write_images
