@@ -125,6 +125,8 @@ def train_loop(config: TrainConfig | dict) -> dict:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     task = PalpTask(config, base, model, embedding.first_id, device, dtype)
     optimizer = make_optimizer(config, lora_params, embedding)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is a no-op)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     generator = torch.Generator().manual_seed(config.seed)  # data, t and noise: identical on every rank
 
     step = 0
@@ -160,8 +162,9 @@ def train_loop(config: TrainConfig | dict) -> dict:
                     if not math.isfinite(v):
                         raise NonFiniteLoss(f"step {step + 1}: {name} is {v}")
                     logs[name] = logs.get(name, 0.0) + v / config.grad_accum
-                (sum(terms.values()) / config.grad_accum).backward()
-        optimizer.step()
+                scaler.scale(sum(terms.values()) / config.grad_accum).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
