@@ -1,5 +1,6 @@
 """Base model loading (tiny | hub id | diffusers directory), placeholder tokens, and the UNet LoRA."""
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -113,3 +114,26 @@ def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float | None = None) 
         p.data = p.data.float()
         p.requires_grad_(True)
     return params
+
+
+@contextlib.contextmanager
+def lora_weights_as(unet: UNet2DConditionModel, dtype: torch.dtype):
+    """Inside, every peft LoRA Linear of `unet` computes with `master.to(dtype)` instead of its fp32 master.
+
+    For bf16 runs without autocast: peft then sees bf16 weights and bf16 inputs (no per-layer input casts),
+    and the frozen weights compute in bf16 as stored. The cast is differentiable: grads land on the fp32
+    masters, which the optimizer keeps updating (in place). One cast kernel per LoRA weight per entry.
+    """
+    from peft.tuners.lora import LoraLayer
+    linears = [d[a] for m in unet.modules() if isinstance(m, LoraLayer)
+               for d in (m.lora_A, m.lora_B) for a in m.active_adapters if a in d]
+    masters = [(m, m.weight) for m in linears]
+    for m, w in masters:
+        del m.weight  # unregistered for the duration; the optimizer (and a CUDA graph) hold `w` itself
+        m.weight = w.to(dtype)  # a plain tensor attribute
+    try:
+        yield
+    finally:
+        for m, w in masters:
+            del m.weight
+            m.weight = w

@@ -1,13 +1,15 @@
 """PalpTask: the model calls and loss terms of one PALP training step (Sec. 4)."""
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from . import losses
 from .config import TrainConfig
-from .models import Base
+from .models import Base, lora_weights_as
 
 # NFSD's negative prompt (Katzir et al. 2023, Sec. 4)
 NFSD_NEGATIVE = "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
@@ -29,6 +31,40 @@ class PalpModel(nn.Module):
         return self.unet(x_t, t, enc).sample, enc
 
 
+@dataclass(frozen=True)
+class FastPaths:
+    """Speed-ups of the step that keep its math; each is checked against the plain path in
+    tests/test_fast_paths.py. All off is the plain eager step; `auto` picks what the device supports.
+    Measurements and the reasons for each default: benchmarks/RESULTS.md."""
+
+    # The step runs without autocast: the frozen weights compute in bf16 as stored, and each fp32 LoRA master
+    # is cast to bf16 once per step (its grad flows back through the cast). Autocast instead upcasts every
+    # norm's input to fp32 and casts back: ~2,500 cast kernels per PALP step; -16% step time at batch 16.
+    native_dtype: bool = False
+    # Under autocast, LoRA matmuls take the bf16 activations as they are: peft would copy each LoRA layer's
+    # input to fp32 (the masters' dtype) and autocast would copy it straight back; the matmul is bf16 either way
+    lora_compute_dtype: bool = False
+    # PALP's no-grad calls in one UNet batch: pre-trained rows (LoRA off) and personalized rows (LoRA on)
+    fold_alignment: bool = False
+    channels_last: bool = False  # NHWC convolutions: cuDNN needs no layout transposes around each conv
+    cuda_graphs: bool = False  # the step's forward and backward replayed as two CUDA graphs (no launch overhead)
+
+    @classmethod
+    def auto(cls, device: torch.device, dtype: torch.dtype, distributed: bool, batch_size: int = 1) -> "FastPaths":
+        cuda = device.type == "cuda"
+        return cls(
+            native_dtype=cuda and dtype == torch.bfloat16 and not distributed,  # fp16 keeps autocast's fp32 norms
+            lora_compute_dtype=dtype != torch.float32,
+            # one no-grad call instead of two pays at small batches; at 16 it saved 2% of the time but its
+            # 3B-row activations cost 0.9 GiB more than the 2B-row pre-trained call
+            fold_alignment=cuda and batch_size <= 4,
+            # NHWC pays while the step is latency-bound; at larger batches GroupNorm's NCHW round trips
+            # (torch's CUDA GroupNorm makes its input contiguous) cost more than cuDNN's own transposes
+            channels_last=cuda and batch_size <= 4,
+            cuda_graphs=cuda and not distributed,  # DDP's forward and gradient hooks cannot be captured
+        )
+
+
 def tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids.to(device)
@@ -38,8 +74,14 @@ class PalpTask:
     """`training_step(batch)` returns the named loss terms; their sum is the training loss."""
 
     def __init__(self, config: TrainConfig, base: Base, model: nn.Module, first_placeholder_id: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, fast: FastPaths | None = None):
         self.config = config
+        distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+        self.fast = fast if fast is not None else FastPaths.auto(device, dtype, distributed, config.batch_size)
+        if self.fast.cuda_graphs and (device.type != "cuda" or distributed):
+            raise ValueError("cuda_graphs needs a CUDA device and a model without DDP (world size 1)")
+        if self.fast.native_dtype and dtype == torch.float32:
+            raise ValueError("native_dtype is for bf16/fp16 precision; fp32 has no autocast to leave out")
         self.model = model  # PalpModel, possibly DDP-wrapped
         self.unet = base.unet  # the same module, unwrapped, for the no-grad branch
         self.device = device
@@ -54,11 +96,50 @@ class PalpTask:
         with torch.no_grad(), self.autocast():
             self.clean_enc, self.empty_enc, self.negative_enc = (
                 base.text_encoder(ids)[0] for ids in (self.clean_ids, self.empty_ids, self.negative_ids))
+        self.lora_layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
+        if self.fast.channels_last:
+            self.unet.to(memory_format=torch.channels_last)  # conv weights; activations follow
+        self.terms = ("denoise_loss",) if config.alignment == "none" else ("denoise_loss", "align_loss")
+        self.graphed = None  # captured on the first step, when the batch shapes are known
 
     def autocast(self):
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32 or self.fast.native_dtype:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        # a graph replays the casts it captured; autocast's weight-cast cache would outlive the capture
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not self.fast.cuda_graphs)
+
+    @contextlib.contextmanager
+    def lora_in_compute_dtype(self):
+        """Inside, peft's LoRA layers skip their input cast to the fp32 masters' dtype (see FastPaths)."""
+        if not self.fast.lora_compute_dtype:
+            yield
+            return
+        for layer in self.lora_layers:
+            layer.cast_input_dtype_enabled = False
+        try:
+            yield
+        finally:
+            for layer in self.lora_layers:
+                layer.cast_input_dtype_enabled = True
+
+    @contextlib.contextmanager
+    def lora_from_row(self, start: int):
+        """Inside (no grad only: the output is updated in place), the UNet runs with LoRA off on batch rows
+        [:start] and on for rows [start:]: each LoRA layer adds scaling·B(A(x)) to those rows alone, as peft does."""
+        def hook(layer, args, out):
+            x = args[0][start:]  # [N - start, L, d_in], a view
+            for a in layer.active_adapters:
+                out[start:] += layer.lora_B[a](layer.lora_A[a](layer.lora_dropout[a](x))) * layer.scaling[a]
+            return out
+
+        self.unet.disable_adapters()  # rows [:start]: no LoRA term at all, the pre-trained layers
+        handles = [layer.register_forward_hook(hook) for layer in self.lora_layers]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self.unet.enable_adapters()
 
     def make_batch(self, generator: torch.Generator, latents, global_batch: int,
                    rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
@@ -85,18 +166,40 @@ class PalpTask:
         }
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = (batch["latents"], batch["eps"], batch["t"], batch["eps_align"], batch["subject"])
+        if not self.fast.cuda_graphs:
+            return dict(zip(self.terms, self.loss_terms(*args)))
+        if self.graphed is None:
+            self.graphed = self.capture(args)
+        return dict(zip(self.terms, self.graphed(*args)))
+
+    def loss_terms(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, eps_align: torch.Tensor,
+                   subject: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The step's differentiable part: (denoise_loss[, align_loss]); the same code eager or captured."""
         cfg = self.config
-        x0, eps, t = batch["latents"], batch["eps"], batch["t"]
         alpha_bar = self.alphas_cumprod[t]  # [B]
         x_t = losses.add_noise(x0, eps, alpha_bar)
-        with self.autocast():
-            eps_pred, prompt_enc = self.model(x_t.to(self.dtype), t, self.prompt_ids[batch["subject"]])
-        terms = {"denoise_loss": losses.denoise(eps_pred, eps)}
-        if cfg.alignment != "none":
-            x0_hat = losses.predict_x0(x_t, eps_pred.float(), alpha_bar)  # Eq. 2, with grad
-            branch = self.alignment_branch(x0_hat, batch, prompt_enc)
-            terms["align_loss"] = cfg.align_weight * losses.score_distillation(x0_hat, branch["score"])
+        lora_weights = lora_weights_as(self.unet, self.dtype) if self.fast.native_dtype else contextlib.nullcontext()
+        with self.lora_in_compute_dtype(), lora_weights:
+            with self.autocast():
+                eps_pred, prompt_enc = self.model(x_t.to(self.dtype), t, self.prompt_ids[subject])
+            terms = (losses.denoise(eps_pred, eps),)
+            if cfg.alignment != "none":
+                x0_hat = losses.predict_x0(x_t, eps_pred.float(), alpha_bar)  # Eq. 2, with grad
+                branch = self.alignment_branch(x0_hat, {"t": t, "eps_align": eps_align}, prompt_enc)
+                terms += (cfg.align_weight * losses.score_distillation(x0_hat, branch["score"]),)
         return terms
+
+    def capture(self, args: tuple[torch.Tensor, ...]) -> nn.Module:
+        """`loss_terms` as one CUDA graph for the forward and one for the backward.
+
+        make_graphed_callables runs 3 eager warm-up steps (no update), then captures; the backward graph
+        yields the trainables' grads, which autograd accumulates into `.grad` as usual, so the loop's
+        backward, optimizer step and zero_grad stay as they are. Replays read the parameters in place:
+        the optimizer's in-place updates (and a resumed checkpoint's copy_) are seen.
+        """
+        step = _CapturedStep(self)
+        return torch.cuda.make_graphed_callables(step, tuple(a.clone() for a in args), allow_unused_input=True)
 
     @torch.no_grad()  # the alignment branch needs no backward of its own (Eq. 7)
     def alignment_branch(self, x0_hat: torch.Tensor, batch: dict[str, torch.Tensor],
@@ -109,6 +212,11 @@ class PalpTask:
         weight = losses.timestep_weight(alpha_bar, cfg.rescale)
         weight = weight * ((t >= cfg.align_t_range[0]) & (t < cfg.align_t_range[1]))
         out = {}
+        if cfg.alignment == "palp" and self.fast.fold_alignment:
+            uncond, cond, out["personalized"] = self.folded(x_hat_t, t, prompt_enc.detach())
+            out["pretrained"] = losses.cfg(uncond, cond, cfg.alpha)
+            out["score"] = losses.palp_score(out["pretrained"], out["personalized"], weight)
+            return out
         if cfg.alignment == "nfsd":
             uncond, cond, negative = self.pretrained(x_hat_t, t, self.empty_enc, self.clean_enc, self.negative_enc)
             out["score"] = losses.nfsd_score(uncond, cond, negative, t, cfg.alpha, weight)
@@ -134,6 +242,18 @@ class PalpTask:
             self.unet.enable_adapters()
         return pred.float().chunk(n)
 
+    def folded(self, x: torch.Tensor, t: torch.Tensor, prompt_enc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """PALP's no-grad calls as one: rows [∅, y^c] with LoRA off, then y_P (β = 1) or
+        [∅, y_P] (β ≠ 1) with LoRA on. Returns (G(∅), G(y^c)) pre-trained and G^β_θLoRA(y_P)."""
+        beta, b = self.config.beta, len(x)
+        encodings = [self.empty_enc, self.clean_enc] + ([] if beta == 1.0 else [self.empty_enc]) + [prompt_enc]
+        n = len(encodings)
+        enc = torch.cat([e.expand(b, -1, -1).to(prompt_enc.dtype) for e in encodings])  # [n·B, 77, d]
+        with self.autocast(), self.lora_from_row(2 * b):  # rows [:2B] pre-trained, the rest personalized
+            pred = self.unet(x.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), enc).sample.float().chunk(n)
+        personalized = pred[2] if beta == 1.0 else losses.cfg(pred[2], pred[3], beta)
+        return pred[0], pred[1], personalized
+
     def personalized(self, x: torch.Tensor, t: torch.Tensor, prompt_enc: torch.Tensor) -> torch.Tensor:
         """G^β with LoRA on; β = 1 is the conditional call alone."""
         beta = self.config.beta
@@ -143,3 +263,16 @@ class PalpTask:
             enc = torch.cat([self.empty_enc.expand(len(x), -1, -1).to(prompt_enc.dtype), prompt_enc])
             uncond, cond = self.unet(x.repeat(2, 1, 1, 1).to(self.dtype), t.repeat(2), enc).sample.float().chunk(2)
         return losses.cfg(uncond, cond, beta)
+
+
+class _CapturedStep(nn.Module):
+    """`task.loss_terms` as a module whose parameters are the trainables alone (LoRA + placeholder rows):
+    make_graphed_callables differentiates its parameters; the frozen weights are read in place."""
+
+    def __init__(self, task: PalpTask):
+        super().__init__()
+        self.trainables = nn.ParameterList([p for p in task.model.parameters() if p.requires_grad])
+        self.loss_terms = task.loss_terms  # a bound method: the model is not registered twice
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.loss_terms(*args)

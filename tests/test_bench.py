@@ -1,0 +1,43 @@
+"""benchmarks/step_bench.py --tiny, in-process: the benchmark runs the trainer's own step end to end."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import step_bench
+from palp_trainer.task import FastPaths
+
+
+def test_tiny_bench_reports_every_run_and_time_to_adapter(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--tiny", "--batches", "2", "--steps", "1", "--repeats", "1", "--warmup", "0",
+            "--variants", "eager", "fast+fold_alignment", "--train-steps", "2", "--json", str(out)]
+    assert step_bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    runs = {(r["variant"], r["mode"], r["batch"]): r for r in report["runs"]}
+    assert set(runs) == {(v, m, b) for v in ("eager", "fast+fold_alignment") for m in ("lora_ti", "palp") for b in (2,)}
+    for key, r in runs.items():
+        assert "error" not in r, key
+        assert r["ms_per_step"] > 0 and r["img_per_s"] > 0 and r["tflop_per_step"] > 0
+        assert set(r["losses"]) == ({"denoise_loss"} if key[1] == "lora_ti" else {"denoise_loss", "align_loss"})
+    for variant in ("eager", "fast+fold_alignment"):
+        for b in (2,):  # PALP: 3 extra no-grad UNet calls (2 in the pre-trained batch, 1 personalized)
+            assert runs[(variant, "palp", b)]["tflop_per_step"] > 1.5 * runs[(variant, "lora_ti", b)]["tflop_per_step"]
+    assert runs[("fast+fold_alignment", "palp", 2)]["fast"]["fold_alignment"]
+    tta = report["time_to_adapter"]
+    assert "error" not in tta and tta["steps"] == 2 and len(tta["eval_s"]) == 2  # milestones 1 and 2
+    assert 0 < tta["eval_fraction"] < 1 and tta["time_to_adapter_s"] > sum(tta["eval_s"])
+    assert report["versions"]["torch"] == torch.__version__
+
+
+def test_variant_names():
+    cpu = torch.device("cpu")
+    assert step_bench.parse_variant("eager", cpu, torch.float32) == FastPaths()
+    assert step_bench.parse_variant("eager+channels_last+fold_alignment", cpu, torch.float32) == FastPaths(
+        channels_last=True, fold_alignment=True)
+    cuda = torch.device("cuda")
+    assert step_bench.parse_variant("fast-cuda_graphs", cuda, torch.bfloat16) == FastPaths(
+        native_dtype=True, lora_compute_dtype=True, fold_alignment=True, channels_last=True)
+    with pytest.raises(SystemExit, match="unknown knob"):
+        step_bench.parse_variant("fast-graphs", cpu, torch.float32)
