@@ -69,7 +69,7 @@ def make_optimizer(config: TrainConfig, lora_params, embedding) -> torch.optim.O
     return torch.optim.AdamW([
         {"params": lora_params, "lr": config.lr},
         {"params": [embedding.rows], "lr": config.embedding_lr, "weight_decay": 0.0},
-    ], weight_decay=config.weight_decay)
+    ], weight_decay=config.weight_decay, fused=embedding.rows.is_cuda)  # one kernel for all params on GPU
 
 
 def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, generator, config) -> Path:
@@ -196,7 +196,7 @@ def train_loop(config: TrainConfig | dict) -> dict:
             metrics["time_total_s"] = time.perf_counter() - started
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint_dir = None
-                if rank == 0:
+                if rank == 0 and (train is not None or ckpt_due):  # standalone: only when asked for
                     checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, generator, config)
                 if train is not None:
                     train.report(metrics, checkpoint=train.Checkpoint.from_directory(checkpoint_dir)
