@@ -192,16 +192,18 @@ def train_loop(config: TrainConfig | dict) -> dict:
         metrics.update(last_eval)  # between milestones, reports carry the latest scores
         # Tune needs its metric in every report: before the first evaluation only milestones report.
         # The rule depends on `step` alone, so every rank makes the same number of report calls.
-        if milestone or (ckpt_due and (config.eval is None or step > config.report_steps[0])):
+        report = train is not None and (
+            milestone or (ckpt_due and (config.eval is None or step > config.report_steps[0])))
+        if report or (train is None and ckpt_due):
             metrics["time_total_s"] = time.perf_counter() - started
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint_dir = None
-                if rank == 0 and (train is not None or ckpt_due):  # standalone: only when asked for
+                if rank == 0:
                     checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, generator, config)
-                if train is not None:
+                if report:
                     train.report(metrics, checkpoint=train.Checkpoint.from_directory(checkpoint_dir)
                                  if checkpoint_dir else None)
-                elif ckpt_due:
+                else:  # standalone, checkpoint_every
                     shutil.copytree(tmp, output / "checkpoints" / f"step-{step:06d}", dirs_exist_ok=True)
     bar.close()
     if rank == 0:
