@@ -29,6 +29,13 @@ def run_main(argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def assert_dry_run_error(raw: dict, tmp_path, capsys, *expected):
+    """Write `raw` as a recipe; `--dry-run` on it must fail with one line holding `expected`."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert_one_line_error(*run_main([str(path), "--dry-run"], capsys)[::2], *expected)
+
+
 def assert_one_line_error(code, err, *expected):
     assert code == 2
     lines = err.splitlines()
@@ -142,57 +149,39 @@ def test_empty_image_dir(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no images here")
     raw["subjects"][0]["images"] = "empty"
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert_one_line_error(*run_main([str(path), "--dry-run"], capsys)[::2],
-                          "subjects[0].images: no jpg/jpeg/png/webp images in", "empty")
+    assert_dry_run_error(raw, tmp_path, capsys, "subjects[0].images: no jpg/jpeg/png/webp images in", "empty")
 
 
 def test_corrupt_image(tmp_path, capsys):
     raw = good_recipe(tmp_path)
     (tmp_path / "cat" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert_one_line_error(*run_main([str(path), "--dry-run"], capsys)[::2],
-                          "subjects[0].images: unreadable image", "1.png")
+    assert_dry_run_error(raw, tmp_path, capsys, "subjects[0].images: unreadable image", "1.png")
 
 
 def test_not_an_image_file(tmp_path, capsys):
     raw = good_recipe(tmp_path)
     (tmp_path / "notes.txt").write_text("hello")
     raw["subjects"][1]["images"] = ["mug/0.png", "notes.txt"]
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert_one_line_error(*run_main([str(path), "--dry-run"], capsys)[::2],
-                          "subjects[1].images[1]:", "notes.txt is not a jpg/jpeg/png/webp file")
+    assert_dry_run_error(raw, tmp_path, capsys, "subjects[1].images[1]:", "notes.txt is not a jpg/jpeg/png/webp file")
 
 
 def test_image_smaller_than_resolution(tmp_path, capsys):
     raw = {**good_recipe(tmp_path), "resolution": 64}  # the test images are 40x48
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert_one_line_error(*run_main([str(path), "--dry-run"], capsys)[::2],
-                          "subjects[0].images:", "smaller than resolution 64", "train.allow_upscale")
-    code, _, _ = run_main([str(path), "--dry-run", "train.allow_upscale=true"], capsys)
+    assert_dry_run_error(raw, tmp_path, capsys, "subjects[0].images:", "smaller than resolution 64",
+                         "train.allow_upscale")
+    code, _, _ = run_main([str(tmp_path / "bad.yaml"), "--dry-run", "train.allow_upscale=true"], capsys)
     assert code == 0
 
 
-def test_not_yaml(tmp_path, capsys):
+@pytest.mark.parametrize("text, expected", [
+    ("name: x\nsubjects: [unclosed\n  - a: b\n", ("not valid YAML:", "line")),
+    ("- just\n- a list\n", ("expected a mapping", "got a list")),
+    ("# nothing\n", ("expected a mapping", "empty file")),
+])
+def test_not_a_yaml_mapping(tmp_path, capsys, text, expected):
     path = tmp_path / "recipe.yaml"
-    path.write_text("name: x\nsubjects: [unclosed\n  - a: b\n")
-    assert_one_line_error(*run_main([str(path)], capsys)[::2], f"{path}: not valid YAML:", "line")
-
-
-def test_not_a_mapping(tmp_path, capsys):
-    path = tmp_path / "recipe.yaml"
-    path.write_text("- just\n- a list\n")
-    assert_one_line_error(*run_main([str(path)], capsys)[::2], f"{path}: expected a mapping", "got a list")
-
-
-def test_empty_file(tmp_path, capsys):
-    path = tmp_path / "recipe.yaml"
-    path.write_text("# nothing\n")
-    assert_one_line_error(*run_main([str(path)], capsys)[::2], f"{path}: expected a mapping", "empty file")
+    path.write_text(text)
+    assert_one_line_error(*run_main([str(path)], capsys)[::2], f"{path}: {expected[0]}", expected[1])
 
 
 def test_missing_recipe_file(tmp_path, capsys):
