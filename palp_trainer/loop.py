@@ -206,6 +206,7 @@ def train_loop(config: TrainConfig | dict) -> dict:
                 else:  # standalone, checkpoint_every
                     shutil.copytree(tmp, output / "checkpoints" / f"step-{step:06d}", dirs_exist_ok=True)
     bar.close()
+    metrics["time_total_s"] = time.perf_counter() - started  # training + evaluations, before export
     if rank == 0:
         export_adapter(output / "adapter", base.unet, embedding, manifest(config, step))
         metrics["adapter"] = str(output / "adapter")
