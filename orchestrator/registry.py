@@ -13,7 +13,7 @@ from palp_trainer.export import read_manifest
 from palp_trainer.pyfunc_model import SIGNATURE
 
 from .recipe import slugify
-from .tracking import CHAMPION, TRIAL_TAG, Tracking
+from .tracking import CHAMPION, Tracking
 
 REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "safetensors", "mlflow", "pillow"]
 
@@ -27,8 +27,7 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict) -> dict:
     and move `champion` to it if it beats the current champion on the recipe's metric."""
     client = MlflowClient(tracking.uri)
     mlflow.set_tracking_uri(tracking.uri)
-    run = client.search_runs([tracking.experiment_id],
-                             filter_string=f"tags.`{TRIAL_TAG}` = '{best['trial_id']}'")[0]
+    run = client.get_run(tracking.find_run(best["trial_id"]))
     subjects, prompt = recipe.pair_parts(pair)
     name = recipe.mlflow.registered_model_template.format(
         subjects="-".join(slugify(s.name) for s in subjects), prompt_slug=prompt.slug)

@@ -43,7 +43,7 @@ def trial_resources(recipe: Recipe) -> dict:
 
 
 def max_concurrent(recipe: Recipe) -> int | None:
-    """Tune only counts its own (0-CPU) trial actor, not the Train workers: size concurrency from
+    """Tune only counts its own (0.01-CPU) trial actor, not the Train workers: size concurrency from
     the cluster so concurrent trials never starve each other's worker groups."""
     if recipe.resources.max_concurrent_trials:
         return recipe.resources.max_concurrent_trials
@@ -130,7 +130,7 @@ def mark_stopped(tracking: Tracking, summary: dict, last_step: int) -> None:
     for s in summary.values():
         for row in s["trials"]:
             if row["error"] is None and row["step"] is not None and row["step"] < last_step:
-                run_id = tracking.child_run(row["pair"], row["trial_id"], {})
+                run_id = tracking.find_run(row["trial_id"])
                 client.set_tag(run_id, "palp.stopped_early_at", str(row["step"]))
                 client.set_terminated(run_id, "KILLED")
 

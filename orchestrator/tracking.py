@@ -90,12 +90,18 @@ class Tracking:
     parent_run_id: str
     common_params: tuple[tuple[str, str], ...]
 
+    def find_run(self, trial_id: str) -> str | None:
+        """The child run of a trial, by its trial-id tag."""
+        found = MlflowClient(self.uri).search_runs([self.experiment_id],
+                                                   filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'")
+        return found[0].info.run_id if found else None
+
     def child_run(self, pair: str, trial_id: str, hparams: dict) -> str:
         """The trial's nested run `<pair>/<trial id>`; found again, never duplicated, on retry/resume."""
-        client = MlflowClient(self.uri)
-        found = client.search_runs([self.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'")
+        found = self.find_run(trial_id)
         if found:
-            return found[0].info.run_id
+            return found
+        client = MlflowClient(self.uri)
         run = client.create_run(self.experiment_id, run_name=f"{pair}/{trial_id}", tags={
             "mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial_id, "palp.pair": pair})
         params = {**dict(self.common_params), **{k: str(v) for k, v in hparams.items()}, "pair": pair}

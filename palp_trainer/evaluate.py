@@ -88,9 +88,11 @@ def evaluate_adapter(config: TrainConfig, base: Base, step: int, out_dir: Path,
     return {**scores, "eval_seconds": time.perf_counter() - started, "samples": str(grid)}
 
 
-def evaluate_methods(config: TrainConfig, base: Base, step: int, out_dir: Path) -> dict:
-    """Score the finished trial under every configured sampling method on the same seeds (issue: AlignIT,
-    personalization guidance vs CFG); returns `method/<label>/<score>` and the winning `best_method`."""
+def evaluate_methods(config: TrainConfig, base: Base, step: int, out_dir: Path, cfg_scores: dict) -> dict:
+    """Score the finished trial under every configured sampling method on the same seeds (AlignIT,
+    personalization guidance vs CFG); returns `method/<label>/<score>` and the winning `best_method`.
+
+    `cfg_scores` is this step's `evaluate_adapter` result: plain CFG on the same seeds, not sampled twice."""
     from .guidance import sample
     ev = config.eval
     pipe = pipeline_from(base, ev.sampler)
@@ -100,6 +102,11 @@ def evaluate_methods(config: TrainConfig, base: Base, step: int, out_dir: Path) 
     out, composites = {}, {}
     for label in ev.methods:
         method, kwargs = method_of(label)
+        if method == "cfg":
+            scores = {k: v for k, v in cfg_scores.items() if k not in ("eval_seconds", "samples")}
+            out.update({f"method/{label}/{k}": v for k, v in scores.items()})
+            composites[label] = scores["composite"]
+            continue
         images = sample(pipe, config.target_prompt, method, seeds=ev.image_seeds, steps=ev.steps,
                         guidance_scale=ev.guidance_scale, batch_size=ev.batch_size, resolution=config.resolution,
                         placeholders=placeholders, **kwargs)

@@ -184,7 +184,7 @@ def train_loop(config: TrainConfig | dict) -> dict:
             last_eval = evaluate_adapter(config, base, step, output / "samples")
             if step == config.steps and config.eval.methods:
                 from .evaluate import evaluate_methods
-                last_eval.update(evaluate_methods(config, base, step, output / "samples"))
+                last_eval.update(evaluate_methods(config, base, step, output / "samples", last_eval))
             if log:
                 log.metrics(step, last_eval)
                 log.artifact(last_eval["samples"], "samples")
