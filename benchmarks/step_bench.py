@@ -7,8 +7,9 @@
 
 The architecture is SD-1.5's UNet and CLIP-L's text encoder with random weights (nothing downloaded);
 latents are random [B, 4, 64, 64] (the trainer caches VAE latents, so the VAE is not in the step).
-Each step is the body of `loop.train_loop`: make_batch, training_step, one .item() per term, backward,
-AdamW step, zero_grad, on the model that `loop.build` and `loop.make_optimizer` return.
+Each step is `loop.train_step`, the function `loop.train_loop` calls (make_batch, training_step, one host
+sync for the loss terms, backward, AdamW step, zero_grad), on the model that `loop.build` and
+`loop.make_optimizer` return.
 
 A variant names the task's FastPaths: `eager` (all off: the plain step), `fast` (FastPaths.auto: what the
 trainer uses on this device), then `-knob` / `+knob` to switch one off / on, e.g. `fast-cuda_graphs`.
@@ -58,6 +59,7 @@ SD_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
 )
 MODES = {"lora_ti": "none", "palp": "palp"}
+SCALER_OFF = torch.amp.GradScaler("cpu", enabled=False)  # what train_loop makes for bf16 and fp32
 KNOBS = tuple(f.name for f in dataclasses.fields(FastPaths))
 # not FastPaths knobs (they live outside the task): measured here to decide whether the loop should adopt them
 LOOP_KNOBS = ("cudnn_benchmark", "fused_adamw")
@@ -79,12 +81,6 @@ def random_base(device: torch.device, tiny: bool) -> Base:
         module.requires_grad_(False)
         module.eval()
     return Base("sd15-random", tokenizer, text_encoder, vae, unet, DDPMScheduler(**SD1_SCHEDULER))
-
-
-def build(config: TrainConfig, device: torch.device, base: Base):
-    """`loop.build` itself, with `base` standing in for load_base(config.base_model) (no download)."""
-    with mock.patch.object(loop, "load_base", lambda ref: base):
-        return loop.build(config, device)
 
 
 class RandomLatents(SubjectLatents):
@@ -120,14 +116,8 @@ def bench_config(tiny: bool, out_dir: str, **overrides) -> TrainConfig:
 
 
 def loop_step(task: PalpTask, data, optimizer, generator, batch_size: int) -> dict:
-    """One iteration of train_loop's body (grad_accum 1, world size 1)."""
-    batch = task.make_batch(generator, data, batch_size)
-    terms = task.training_step(batch)
-    logs = {name: value.item() for name, value in terms.items()}  # the loop's per-term sync + finite check
-    (sum(terms.values()) / 1).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return logs
+    """train_loop's step itself (grad_accum 1, world size 1; bf16/fp32, so the scaler is off)."""
+    return loop.train_step(task, data, optimizer, SCALER_OFF, generator, batch_size)
 
 
 def sync(device: torch.device):
@@ -303,11 +293,10 @@ def time_to_adapter(args, device: torch.device, work: Path) -> dict:
         evals.append(time.perf_counter() - started)
         return out
 
-    base_factory = lambda ref: random_base(device, args.tiny)  # built inside, as load_base would be
     sync(device)
     started = time.perf_counter()
-    with mock.patch.object(loop, "load_base", base_factory), mock.patch.object(evaluate, "evaluate_adapter", timed_evaluate):
-        metrics = loop.train_loop(config)
+    with mock.patch.object(evaluate, "evaluate_adapter", timed_evaluate):
+        metrics = loop.train_loop(config, random_base(device, args.tiny))  # the base's build time counts
     sync(device)
     total = time.perf_counter() - started
     history = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -359,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if plan:
             base = random_base(device, args.tiny)
-            base, embedding, lora_params = build(bench_config(args.tiny, tmp), device, base)
+            base, embedding, lora_params = loop.build(bench_config(args.tiny, tmp), device, base)
             for variant, mode, batch_size in plan:
                 if time.perf_counter() - started > args.budget_s:
                     report["runs"].append({"variant": variant, "mode": mode, "batch": batch_size,

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .data import SubjectLatents
 from .export import export_adapter
-from .models import add_lora, add_placeholders, load_base
+from .models import Base, add_lora, add_placeholders, load_base
 from .task import PalpModel, PalpTask
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,10 +36,11 @@ def _ray_train():
         return None
 
 
-def build(config: TrainConfig, device: torch.device):
-    """Base model + placeholders + LoRA on `device`; frozen weights in the compute dtype."""
+def build(config: TrainConfig, device: torch.device, base: Base | None = None):
+    """Base model (`base`, or loaded from config.base_model) + placeholders + LoRA on `device`;
+    frozen weights in the compute dtype."""
     dtype = DTYPES[config.precision]
-    base = load_base(config.base_model)
+    base = base or load_base(config.base_model)
     embedding = add_placeholders(base.tokenizer, base.text_encoder, config.tokens,
                                  tuple(s.class_word for s in config.subjects))
     lora_params = add_lora(base.unet, config.rank, config.lora_alpha)
@@ -72,14 +73,15 @@ def make_optimizer(config: TrainConfig, lora_params, embedding) -> torch.optim.O
     ], weight_decay=config.weight_decay, fused=embedding.rows.is_cuda)  # one kernel for all params on GPU
 
 
-def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, generator, config) -> Path:
-    """LoRA + embeddings (as an exported adapter), optimizer, step and every RNG state."""
+def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, scaler, generator, config) -> Path:
+    """LoRA + embeddings (as an exported adapter), optimizer, fp16 loss scale, step and every RNG state."""
     export_adapter(directory, base.unet, embedding, manifest(config, step))
     torch.save({
         "step": step,
         "lora": {n: p.detach().cpu() for n, p in base.unet.named_parameters() if p.requires_grad},
         "rows": embedding.rows.detach().cpu(),
         "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),  # {} unless fp16
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -87,7 +89,7 @@ def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, gene
     return directory
 
 
-def load_checkpoint(directory: Path, base, embedding, optimizer, generator) -> int:
+def load_checkpoint(directory: Path, base, embedding, optimizer, scaler, generator) -> int:
     state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
     params = dict(base.unet.named_parameters())
     with torch.no_grad():
@@ -95,6 +97,8 @@ def load_checkpoint(directory: Path, base, embedding, optimizer, generator) -> i
             params[name].copy_(value)
         embedding.rows.copy_(state["rows"])
     optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
@@ -102,8 +106,36 @@ def load_checkpoint(directory: Path, base, embedding, optimizer, generator) -> i
     return state["step"]
 
 
-def train_loop(config: TrainConfig | dict) -> dict:
-    """Train one PALP adapter; returns the last metrics. Runs alone or as a Ray Train worker."""
+def train_step(task: PalpTask, data, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               generator: torch.Generator, global_batch: int, rank: int = 0, world: int = 1,
+               step: int = 0) -> dict[str, float]:
+    """One optimizer step (grad_accum micro-batches); returns each loss term, averaged over them.
+
+    The step `train_loop` runs, and the one benchmarks/step_bench.py times. One host sync per micro-batch
+    (all terms read together), which is also the non-finite check."""
+    config = task.config
+    logs: dict[str, float] = {}
+    for micro in range(config.grad_accum):
+        batch = task.make_batch(generator, data, global_batch, rank, world)
+        sync = task.model.no_sync() if world > 1 and micro < config.grad_accum - 1 else nullcontext()
+        with sync:
+            terms = task.training_step(batch)
+            values = torch.stack([v.detach().float() for v in terms.values()]).tolist()
+            for name, v in zip(terms, values):
+                if not math.isfinite(v):
+                    raise NonFiniteLoss(f"step {step + 1}: {name} is {v}")
+                logs[name] = logs.get(name, 0.0) + v / config.grad_accum
+            scaler.scale(sum(terms.values()) / config.grad_accum).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return logs
+
+
+def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
+    """Train one PALP adapter; returns the last metrics. Runs alone or as a Ray Train worker.
+
+    `base` stands in for load_base(config.base_model) (the benchmark's random-weight SD-1.5)."""
     if isinstance(config, dict):  # Ray Train hands workers the plain-dict form
         config = TrainConfig.from_dict(config)
     train = _ray_train()
@@ -116,7 +148,7 @@ def train_loop(config: TrainConfig | dict) -> dict:
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
-    base, embedding, lora_params = build(config, device)
+    base, embedding, lora_params = build(config, device, base)
     dtype = DTYPES[config.precision]
     data = SubjectLatents(base.vae, [s.images for s in config.subjects], config.resolution, config.flip,
                           config.allow_upscale, device, dtype)
@@ -133,9 +165,9 @@ def train_loop(config: TrainConfig | dict) -> dict:
     checkpoint = train.get_checkpoint() if train is not None else None
     if checkpoint is not None:  # a Ray Train retry or a resumed sweep
         with checkpoint.as_directory() as directory:
-            step = load_checkpoint(Path(directory), base, embedding, optimizer, generator)
+            step = load_checkpoint(Path(directory), base, embedding, optimizer, scaler, generator)
     elif config.resume_from:
-        step = load_checkpoint(Path(config.resume_from), base, embedding, optimizer, generator)
+        step = load_checkpoint(Path(config.resume_from), base, embedding, optimizer, scaler, generator)
 
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -151,21 +183,7 @@ def train_loop(config: TrainConfig | dict) -> dict:
     last_eval: dict = {}
     started = time.perf_counter()
     while step < config.steps:
-        logs = {}
-        for micro in range(config.grad_accum):
-            batch = task.make_batch(generator, data, global_batch, rank, world)
-            sync = model.no_sync() if world > 1 and micro < config.grad_accum - 1 else nullcontext()
-            with sync:
-                terms = task.training_step(batch)
-                for name, value in terms.items():
-                    v = value.item()  # one sync per term: cheap next to the UNet calls
-                    if not math.isfinite(v):
-                        raise NonFiniteLoss(f"step {step + 1}: {name} is {v}")
-                    logs[name] = logs.get(name, 0.0) + v / config.grad_accum
-                scaler.scale(sum(terms.values()) / config.grad_accum).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        logs = train_step(task, data, optimizer, scaler, generator, global_batch, rank, world, step)
         step += 1
         bar.update(1)
         bar.set_postfix({k.removesuffix("_loss"): f"{v:.4f}" for k, v in logs.items()})
@@ -199,7 +217,7 @@ def train_loop(config: TrainConfig | dict) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint_dir = None
                 if rank == 0:
-                    checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, generator, config)
+                    checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, scaler, generator, config)
                 if report:
                     train.report(metrics, checkpoint=train.Checkpoint.from_directory(checkpoint_dir)
                                  if checkpoint_dir else None)

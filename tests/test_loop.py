@@ -41,12 +41,17 @@ def test_saved_adapter_keys(subject_images, tmp_path):
     assert manifest["embeddings"] == {"[V1]": "learned_embeds-V1.safetensors"}
 
 
-def test_resume_is_exact(subject_images, tmp_path):
-    train_loop(tiny_config(subject_images, tmp_path / "straight", steps=4, checkpoint_every=2))
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: the GradScaler's scale and growth state resume too
+def test_resume_is_exact(subject_images, tmp_path, precision):
+    train_loop(tiny_config(subject_images, tmp_path / "straight", steps=4, checkpoint_every=2, precision=precision))
     checkpoint = tmp_path / "straight" / "checkpoints" / "step-000002"
-    assert (checkpoint / "state.pt").is_file()
-    train_loop(tiny_config(subject_images, tmp_path / "first", steps=2, checkpoint_every=2))
-    train_loop(tiny_config(subject_images, tmp_path / "resumed", steps=4,
+    state = torch.load(checkpoint / "state.pt", weights_only=False)
+    if precision == "fp16":  # 2 finite steps: the initial 2**16 scale, growth tracker at 2
+        assert state["scaler"]["scale"] == 2.0**16 and state["scaler"]["_growth_tracker"] == 2
+    else:
+        assert state["scaler"] == {}
+    train_loop(tiny_config(subject_images, tmp_path / "first", steps=2, checkpoint_every=2, precision=precision))
+    train_loop(tiny_config(subject_images, tmp_path / "resumed", steps=4, precision=precision,
                            resume_from=str(tmp_path / "first" / "checkpoints" / "step-000002")))
     a = load_file(tmp_path / "straight" / "adapter" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter" / "pytorch_lora_weights.safetensors")
