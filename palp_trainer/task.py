@@ -46,6 +46,9 @@ class FastPaths:
     lora_compute_dtype: bool = False
     # PALP's no-grad calls in one UNet batch: pre-trained rows (LoRA off) and personalized rows (LoRA on)
     fold_alignment: bool = False
+    # the pre-trained branch's prompts (∅, y^c[, NFSD's negative]) in one UNet call of 2B (3B) rows instead of
+    # one call per prompt: fewer launches, but its activations peak while the grad branch's are alive
+    batch_pretrained: bool = False
     channels_last: bool = False  # NHWC convolutions: cuDNN needs no layout transposes around each conv
     cuda_graphs: bool = False  # the step's forward and backward replayed as two CUDA graphs (no launch overhead)
 
@@ -58,6 +61,8 @@ class FastPaths:
             # one no-grad call instead of two pays at small batches; at 16 it saved 2% of the time but its
             # 3B-row activations cost 0.9 GiB more than the 2B-row pre-trained call
             fold_alignment=cuda and batch_size <= 4,
+            # at 16 rows one call fills the GPU already; the split calls keep PALP's extra peak at B rows
+            batch_pretrained=batch_size <= 4,
             # NHWC pays while the step is latency-bound; at larger batches GroupNorm's NCHW round trips
             # (torch's CUDA GroupNorm makes its input contiguous) cost more than cuDNN's own transposes
             channels_last=cuda and batch_size <= 4,
@@ -231,16 +236,19 @@ class PalpTask:
         return out
 
     def pretrained(self, x: torch.Tensor, t: torch.Tensor, *encodings: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Pre-trained UNet (LoRA off) on each constant prompt encoding; one batched call."""
+        """Pre-trained UNet (LoRA off) on each constant prompt encoding: one call per encoding, or one
+        batched call (FastPaths.batch_pretrained)."""
         n, b = len(encodings), len(x)
-        enc = torch.cat([e.expand(b, -1, -1) for e in encodings])
+        x = x.to(self.dtype)
         self.unet.disable_adapters()
         try:
             with self.autocast():
-                pred = self.unet(x.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), enc).sample
+                if self.fast.batch_pretrained:
+                    enc = torch.cat([e.expand(b, -1, -1) for e in encodings])
+                    return self.unet(x.repeat(n, 1, 1, 1), t.repeat(n), enc).sample.float().chunk(n)
+                return tuple(self.unet(x, t, e.expand(b, -1, -1)).sample.float() for e in encodings)
         finally:
             self.unet.enable_adapters()
-        return pred.float().chunk(n)
 
     def folded(self, x: torch.Tensor, t: torch.Tensor, prompt_enc: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """PALP's no-grad calls as one: rows [∅, y^c] with LoRA off, then y_P (β = 1) or

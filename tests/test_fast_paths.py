@@ -51,11 +51,14 @@ def assert_same_step(a, b, rtol, atol):
 
 def test_auto_keeps_the_plain_step_on_cpu_fp32():
     # the pinned CPU fp32 numbers of test_loop run the plain path
-    assert FastPaths.auto(CPU, torch.float32, distributed=False) == PLAIN
-    assert FastPaths.auto(CPU, torch.bfloat16, distributed=False) == FastPaths(lora_compute_dtype=True)
+    assert FastPaths.auto(CPU, torch.float32, distributed=False, batch_size=8) == PLAIN
+    assert FastPaths.auto(CPU, torch.float32, distributed=False) == FastPaths(batch_pretrained=True)
+    assert FastPaths.auto(CPU, torch.bfloat16, distributed=False) == FastPaths(lora_compute_dtype=True,
+                                                                               batch_pretrained=True)
     cuda = torch.device("cuda")
     assert FastPaths.auto(cuda, torch.bfloat16, distributed=False, batch_size=1) == FastPaths(
-        native_dtype=True, lora_compute_dtype=True, fold_alignment=True, channels_last=True, cuda_graphs=True)
+        native_dtype=True, lora_compute_dtype=True, fold_alignment=True, batch_pretrained=True, channels_last=True,
+        cuda_graphs=True)
     assert FastPaths.auto(cuda, torch.bfloat16, distributed=False, batch_size=16) == FastPaths(
         native_dtype=True, lora_compute_dtype=True, cuda_graphs=True)
     assert not FastPaths.auto(cuda, torch.float16, distributed=False).native_dtype
@@ -87,14 +90,33 @@ def test_fold_alignment_equals_separate_calls(subject_images, tmp_path, beta):
     calls.clear()
     got = folded.alignment_branch(x0_hat, batch, enc)
     handle.remove()
-    assert n_plain == [4, 2 if beta == 1.0 else 4] and calls == [6 if beta == 1.0 else 8]  # one UNet call
+    assert n_plain == [2, 2, 2 if beta == 1.0 else 4] and calls == [6 if beta == 1.0 else 8]  # one UNet call
     assert got.keys() == want.keys()
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=2e-5)  # CFG (α = 7.5) scales fp32 noise
     assert not any(layer._forward_hooks for layer in folded.lora_layers) and not any(
         layer.disable_adapters for layer in folded.lora_layers)  # hooks gone, LoRA back on
     params = lora + [embedding.rows]
     assert_same_step(terms_and_grads(plain, batch, params), terms_and_grads(folded, batch, params), 1e-5, 1e-7)
+
+
+@pytest.mark.parametrize("alignment", ["palp", "nfsd", "sds"])
+def test_batch_pretrained_equals_one_call_per_prompt(subject_images, tmp_path, alignment):
+    task, base, embedding, lora, data = setup(subject_images, tmp_path, alignment=alignment)
+    split, batched = task(PLAIN), task(FastPaths(batch_pretrained=True))
+    batch = split.make_batch(torch.Generator().manual_seed(0), data, 2)
+    calls = []
+    handle = base.unet.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    params = lora + [embedding.rows]
+    want = terms_and_grads(split, batch, params)
+    n_split = list(calls)
+    calls.clear()
+    got = terms_and_grads(batched, batch, params)
+    handle.remove()
+    n = 3 if alignment == "nfsd" else 2  # pre-trained prompts: ∅, y^c[, negative]
+    tail = [2] if alignment == "palp" else []  # the personalized call
+    assert n_split == [2] + [2] * n + tail and calls == [2, 2 * n] + tail
+    assert_same_step(want, got, 1e-5, 1e-7)
 
 
 def _route_adapters(unet, names):
