@@ -97,6 +97,8 @@ class EvalConfig:
     weight_image: float = 1.0
     # sampling methods compared on the finished trial: ["cfg", {"pg": {"omega": [0.4, 0.6]}}, "alignit"]
     methods: tuple[object, ...] = ()  # parsed by parse_methods into labels
+    # milestone sampling replays the denoiser as a CUDA graph (CUDA only; opt-in until measured on a GPU)
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.methods:

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from diffusers.utils import make_image_grid
 from PIL import Image
+from torch import nn
 
 from .config import EvalConfig, TrainConfig, method_of
 from .data import load_image
-from .models import Base
+from .models import Base, masters_as
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 
@@ -30,21 +32,78 @@ def pipeline_from(base: Base, sampler: str = "ddim") -> StableDiffusionPipeline:
 
 
 def generate(pipe: StableDiffusionPipeline, prompt: str, seeds: tuple[int, ...], steps: int,
-             guidance_scale: float, batch_size: int, resolution: int, **call_kwargs) -> list[Image.Image]:
+             guidance_scale: float, batch_size: int, resolution: int, cuda_graphs: bool = False,
+             **call_kwargs) -> list[Image.Image]:
     """One image per seed, in batches. Each image has its own CPU generator, so an image depends
-    only on its seed and the weights: identical across trials, devices' batch splits and reruns."""
+    only on its seed and the weights: identical across trials, devices' batch splits and reruns.
+
+    Half-precision weights compute as stored, without autocast, as diffusers' own fp16/bf16 inference
+    does; the trainer's fp32 masters (LoRA, placeholder rows) are cast to that dtype once per batch
+    (`masters_as`), so no layer casts activations to fp32 and back. `cuda_graphs`: the denoiser replays
+    a CUDA graph (`graphed_unet`)."""
     images = []
     dtype = pipe.unet.dtype
-    autocast = (torch.autocast(pipe.device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
+    half = dtype != torch.float32
+    graphs = cuda_graphs and pipe.device.type == "cuda"
     for i in range(0, len(seeds), batch_size):
         chunk = seeds[i:i + batch_size]
-        with autocast:
+        with (masters_as(dtype, pipe.unet, pipe.text_encoder) if half else contextlib.nullcontext()), \
+                (graphed_unet(pipe.unet) if graphs else contextlib.nullcontext()):
             out = pipe(prompt=[prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance_scale,
                        generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
                        height=resolution, width=resolution, **call_kwargs)
         images += out.images
     return images
+
+
+def does_cfg(pipe: StableDiffusionPipeline, guidance_scale: float) -> bool:
+    """StableDiffusionPipeline.do_classifier_free_guidance, before a call sets it."""
+    return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+
+
+@contextlib.contextmanager
+def graphed_unet(unet: nn.Module, warmup: int = 2):
+    """Inside, `unet(sample, t, encoder_hidden_states)` calls run eagerly `warmup` times per input shape (on a
+    side stream, as capture requires), then the next call is captured as a CUDA graph and every later one
+    replays it: a sampler's fixed-shape steps cost one graph launch each instead of thousands of kernels.
+
+    The inputs are copied into the graph's static buffers and the output is copied out, so callers see plain
+    tensors. A graph reads the weights in place: they must not be replaced inside (they are not: the
+    caller's `masters_as` is entered outside). Calls with other arguments (attention kwargs, extra
+    conditions) run eagerly."""
+    eager = unet.forward
+    graphs: dict[tuple, dict] = {}
+
+    def forward(sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+        if args or any(v is not None for v in kwargs.values()) or not torch.is_tensor(timestep) \
+                or not timestep.is_cuda:
+            return eager(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        inputs = (sample, timestep, encoder_hidden_states)
+        entry = graphs.setdefault(tuple((x.shape, x.dtype) for x in inputs), {"calls": 0})
+        if "graph" not in entry and entry["calls"] < warmup:
+            entry["calls"] += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = eager(*inputs, return_dict=False)[0]
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if "graph" not in entry:
+                entry["inputs"] = [x.clone() for x in inputs]
+                entry["graph"] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(entry["graph"]):
+                    entry["out"] = eager(*entry["inputs"], return_dict=False)[0]
+            for static, x in zip(entry["inputs"], inputs):
+                static.copy_(x)
+            entry["graph"].replay()
+            out = entry["out"].clone()
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    unet.forward = forward  # the instance attribute shadows the class's forward; nn.Module.__call__ calls it
+    try:
+        yield
+    finally:
+        del unet.forward
 
 
 @functools.lru_cache(maxsize=2)
@@ -79,7 +138,7 @@ def evaluate_adapter(config: TrainConfig, base: Base, step: int, out_dir: Path,
     started = time.perf_counter()
     pipe = pipeline_from(base, ev.sampler)
     images = generate(pipe, config.target_prompt, ev.image_seeds, ev.steps, ev.guidance_scale,
-                      ev.batch_size, config.resolution)
+                      ev.batch_size, config.resolution, cuda_graphs=ev.cuda_graphs)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = save_grid(images, out_dir / f"step-{step:06d}.png")
     scorer = scorer_for(ev.clip_model, ev.dino_model, str(pipe.device))

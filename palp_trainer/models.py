@@ -117,23 +117,30 @@ def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float | None = None) 
 
 
 @contextlib.contextmanager
-def lora_weights_as(unet: UNet2DConditionModel, dtype: torch.dtype):
-    """Inside, every peft LoRA Linear of `unet` computes with `master.to(dtype)` instead of its fp32 master.
+def masters_as(dtype: torch.dtype, *modules: nn.Module):
+    """Inside, every parameter of `modules` not stored in `dtype` (the trainer's fp32 masters: LoRA weights,
+    placeholder rows) computes as its cast to `dtype`, so the whole model runs in one dtype without autocast.
 
-    For bf16 runs without autocast: peft then sees bf16 weights and bf16 inputs (no per-layer input casts),
-    and the frozen weights compute in bf16 as stored. The cast is differentiable: grads land on the fp32
-    masters, which the optimizer keeps updating (in place). One cast kernel per LoRA weight per entry.
+    The cast is differentiable: grads land on the fp32 masters, which the optimizer keeps updating (in place).
+    One cast kernel per master per entry. The masters are registered again, in their order, on exit; the
+    optimizer (and a CUDA graph) hold them throughout. For bf16 runs: peft then sees bf16 weights and bf16
+    inputs (no per-layer input casts), and `.dtype` of a module reports the compute dtype.
     """
-    from peft.tuners.lora import LoraLayer
-    linears = [d[a] for m in unet.modules() if isinstance(m, LoraLayer)
-               for d in (m.lora_A, m.lora_B) for a in m.active_adapters if a in d]
-    masters = [(m, m.weight) for m in linears]
-    for m, w in masters:
-        del m.weight  # unregistered for the duration; the optimizer (and a CUDA graph) hold `w` itself
-        m.weight = w.to(dtype)  # a plain tensor attribute
+    owners = {}
+    for module in modules:
+        for m in module.modules():
+            names = [n for n, p in m._parameters.items() if p is not None and p.is_floating_point() and p.dtype != dtype]
+            if names and m not in owners:
+                owners[m] = (dict(m._parameters), names)
+    for m, (params, names) in owners.items():
+        for name in names:
+            delattr(m, name)  # unregistered for the duration
+            setattr(m, name, params[name].to(dtype))  # a plain tensor attribute
     try:
         yield
     finally:
-        for m, w in masters:
-            del m.weight
-            m.weight = w
+        for m, (params, names) in owners.items():
+            for name in names:
+                delattr(m, name)
+            m._parameters.clear()
+            m._parameters.update(params)

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import losses
 from .config import TrainConfig
-from .models import Base, lora_weights_as
+from .models import Base, masters_as
 
 # NFSD's negative prompt (Katzir et al. 2023, Sec. 4)
 NFSD_NEGATIVE = "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
@@ -184,7 +184,7 @@ class PalpTask:
         cfg = self.config
         alpha_bar = self.alphas_cumprod[t]  # [B]
         x_t = losses.add_noise(x0, eps, alpha_bar)
-        lora_weights = lora_weights_as(self.unet, self.dtype) if self.fast.native_dtype else contextlib.nullcontext()
+        lora_weights = masters_as(self.dtype, self.unet) if self.fast.native_dtype else contextlib.nullcontext()
         with self.lora_in_compute_dtype(), lora_weights:
             with self.autocast():
                 eps_pred, prompt_enc = self.model(x_t.to(self.dtype), t, self.prompt_ids[subject])

@@ -1,6 +1,7 @@
 """Milestone sampling is comparable across trials: an image depends only on its seed and the weights."""
 
 import numpy as np
+import pytest
 import torch
 
 from palp_trainer.config import EvalConfig
@@ -40,3 +41,46 @@ def test_evaluate_adapter_reports_scores_grid_and_cost(subject_images, tmp_path)
     assert {"clip_t", "clip_i", "composite", "eval_seconds", "samples"} <= set(metrics)
     assert metrics["samples"].endswith("step-000007.png") and metrics["eval_seconds"] > 0
     assert (tmp_path / "samples" / "step-000007.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(i, dtype=np.float64) for i in images])
+
+
+def test_half_precision_sampling_runs_natively_and_stays_as_close_to_fp32_as_autocast(subject_images, tmp_path):
+    """bf16 sampling without autocast (LoRA masters cast once per batch) against the autocast way: both
+    approximate the fp32 images; native's pixel error stays of autocast's size, and the masters come back."""
+    config = tiny_config(subject_images, tmp_path, precision="bf16")
+    base = trained_like(config, 0)
+    pipe = pipeline_from(base)
+    lora = [p for n, p in base.unet.named_parameters() if "lora_" in n]
+    args = (config.target_prompt, (0, 1), 4, 7.5, 2, 32)
+    native = _pixels(generate(pipe, *args))
+    assert all(p.dtype == torch.float32 and isinstance(p, torch.nn.Parameter) for p in lora)
+    assert [p for n, p in base.unet.named_parameters() if "lora_" in n] == lora  # the same masters, registered
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = _pixels(generate(pipe, *args))
+    for module in (base.unet, base.text_encoder, base.vae):
+        module.float()
+    fp32 = _pixels(generate(pipe, *args))
+    err_native, err_autocast = np.abs(native - fp32).mean(), np.abs(autocast - fp32).mean()
+    assert err_native > 0 and err_native <= max(3 * err_autocast, 2.0), (err_native, err_autocast)  # of 255
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_denoiser_replays_the_eager_samples(subject_images, tmp_path):
+    config = tiny_config(subject_images, tmp_path, precision="bf16")
+    base, embedding, lora = build(config, torch.device("cuda"))
+    pipe = pipeline_from(base)
+    args = (config.target_prompt, (0, 1, 2), 6, 7.5, 2, 32)  # batches of 2 and 1: two graphs
+    calls = []  # a submodule's hook fires in eager calls and the capture, not in replays
+    handle = base.unet.conv_in.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    eager = _pixels(generate(pipe, *args))
+    n_eager = list(calls)
+    calls.clear()
+    graphed = _pixels(generate(pipe, *args, cuda_graphs=True))
+    handle.remove()
+    assert n_eager == [4] * 6 + [2] * 6 and calls == [4] * 3 + [2] * 3  # 2 warm-ups + the capture per batch
+    assert np.abs(graphed - eager).max() <= 1.0
+    assert "forward" not in vars(base.unet)  # the class's forward is back
