@@ -18,6 +18,7 @@ trainer uses on this device), then `-knob` / `+knob` to switch one off / on, e.g
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
 import platform
 import re
@@ -58,7 +59,12 @@ SD_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
 )
-MODES = {"lora_ti": "none", "palp": "palp"}
+MODES = {  # mode -> TrainConfig overrides
+    "lora_ti": {"alignment": "none"},
+    "palp": {"alignment": "palp"},
+    "palp_every2": {"alignment": "palp", "align_every": 2},  # the alignment term on every 2nd step, at 2λ
+}
+DEFAULT_MODES = ("lora_ti", "palp")
 SCALER_OFF = torch.amp.GradScaler("cpu", enabled=False)  # what train_loop makes for bf16 and fp32
 KNOBS = tuple(f.name for f in dataclasses.fields(FastPaths))
 # not FastPaths knobs (they live outside the task): measured here to decide whether the loop should adopt them
@@ -115,9 +121,9 @@ def bench_config(tiny: bool, out_dir: str, **overrides) -> TrainConfig:
     return TrainConfig(**{**fields, **overrides})
 
 
-def loop_step(task: PalpTask, data, optimizer, generator, batch_size: int) -> dict:
+def loop_step(task: PalpTask, data, optimizer, generator, batch_size: int, step: int) -> dict:
     """train_loop's step itself (grad_accum 1, world size 1; bf16/fp32, so the scaler is off)."""
-    return loop.train_step(task, data, optimizer, SCALER_OFF, generator, batch_size)
+    return loop.train_step(task, data, optimizer, SCALER_OFF, generator, batch_size, step=step)
 
 
 def sync(device: torch.device):
@@ -126,13 +132,16 @@ def sync(device: torch.device):
 
 
 def count_flops(task: PalpTask, data, optimizer, batch_size: int) -> float:
-    """FLOPs of one step (forward + backward), counted on the eager path (a graph replay dispatches nothing)."""
+    """FLOPs per step (forward + backward), averaged over one `align_every` cycle, counted on the eager path
+    (a graph replay dispatches nothing)."""
     counter = FlopCounterMode(display=False)
+    k = task.config.align_every
     with counter:
-        batch = task.make_batch(torch.Generator().manual_seed(123), data, batch_size)
-        sum(task.training_step(batch).values()).backward()
+        for step in range(k):
+            batch = task.make_batch(torch.Generator().manual_seed(123), data, batch_size)
+            sum(task.training_step(batch, align=task.aligns_at(step)).values()).backward()
     optimizer.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return counter.get_total_flops() / k
 
 
 KERNEL_CLASSES = (  # first match wins; names as cuDNN / cuBLAS / PyTorch print them
@@ -153,8 +162,8 @@ def profile_steps(task, data, optimizer, batch_size: int, steps: int, device) ->
     generator = torch.Generator().manual_seed(7)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for _ in range(steps):
-            loop_step(task, data, optimizer, generator, batch_size)
+        for step in range(steps):
+            loop_step(task, data, optimizer, generator, batch_size, step)
         sync(device)
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -179,7 +188,7 @@ def profile_steps(task, data, optimizer, batch_size: int, steps: int, device) ->
 
 def run_one(base, embedding, lora_params, device, dtype, args, variant: str, mode: str, batch_size: int,
             out_dir: str, profile: bool) -> dict:
-    config = bench_config(args.tiny, out_dir, alignment=MODES[mode], batch_size=batch_size)
+    config = bench_config(args.tiny, out_dir, batch_size=batch_size, **MODES[mode])
     fast = parse_variant(variant, device, dtype, batch_size)
     torch.backends.cudnn.benchmark = "+cudnn_benchmark" in variant
     if not fast.channels_last:  # a previous run may have left the UNet in NHWC
@@ -205,11 +214,12 @@ def run_one(base, embedding, lora_params, device, dtype, args, variant: str, mod
     generator = torch.Generator().manual_seed(0)
     sync(device)
     started = time.perf_counter()
-    logs = loop_step(task, data, optimizer, generator, batch_size)  # includes a CUDA-graph capture
+    steps = itertools.count()  # the optimizer step index: align_every picks the steps with the alignment term
+    logs = loop_step(task, data, optimizer, generator, batch_size, next(steps))  # includes a CUDA-graph capture
     sync(device)
     row["first_step_s"] = time.perf_counter() - started
     for _ in range(args.warmup):
-        loop_step(task, data, optimizer, generator, batch_size)
+        loop_step(task, data, optimizer, generator, batch_size, next(steps))
     sync(device)
     if device.type == "cuda":
         row["setup_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -219,7 +229,7 @@ def run_one(base, embedding, lora_params, device, dtype, args, variant: str, mod
         sync(device)
         started = time.perf_counter()
         for _ in range(args.steps):
-            logs = loop_step(task, data, optimizer, generator, batch_size)
+            logs = loop_step(task, data, optimizer, generator, batch_size, next(steps))
         sync(device)
         times.append((time.perf_counter() - started) / args.steps)
     ms = statistics.median(times) * 1000
@@ -314,7 +324,7 @@ def time_to_adapter(args, device: torch.device, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--variants", nargs="+", default=["eager", "fast"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")

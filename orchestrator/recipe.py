@@ -44,6 +44,7 @@ _RULES = {
     "alpha": (lambda v: v > 0, "must be > 0"),
     "beta": (lambda v: v > 0, "must be > 0"),
     "align_weight": (lambda v: v >= 0, "must be >= 0"),
+    "align_every": (lambda v: v >= 1, "must be >= 1 (1: the alignment term on every step)"),
     "t_range": (lambda v: 0 <= v[0] < v[1] <= 1000, "need 0 <= lo < hi <= 1000"),
     "align_t_range": (lambda v: 0 <= v[0] < v[1] <= 1000, "need 0 <= lo < hi <= 1000"),
     "subject_sampling": (lambda v: v in ("uniform", "union"), "must be 'uniform' or 'union'"),
@@ -72,6 +73,7 @@ class TrainDefaults:
     alpha: float = _default("alpha")
     beta: float = _default("beta")
     align_weight: float = _default("align_weight")
+    align_every: int = _default("align_every")
     same_noise: bool = _default("same_noise")
     rescale: bool = _default("rescale")
     t_range: tuple[int, int] = _default("t_range")
@@ -147,6 +149,7 @@ class Search:
     lr: Dim | None = None
     embedding_lr: Dim | None = None
     align_weight: Dim | None = None  # λ
+    align_every: Dim | None = None
     alignment: Dim | None = None
     same_noise: Dim | None = None
     num_samples: int = 1  # Tune's num_samples: repeats the grid, redraws sampled dims

@@ -136,6 +136,7 @@ class TrainConfig:
     alpha: float = 7.5  # CFG scale of the pre-trained branch (Eq. 5/6)
     beta: float = 1.0  # CFG scale of the personalized branch
     align_weight: float = 1.0  # λ
+    align_every: int = 1  # the alignment term on every k-th step only, at weight k·λ (k = 1: every step, the paper)
     same_noise: bool = True  # re-noise x̂_0 with the personalization ε (Sec. 4)
     rescale: bool = True  # w̃(t) = √ᾱ/√(1−ᾱ) (Eq. 7 remark)
     t_range: tuple[int, int] = (0, 1000)  # timesteps drawn for both branches, [lo, hi)
@@ -159,8 +160,8 @@ class TrainConfig:
             raise ValueError(f"subject_sampling: must be 'uniform' or 'union', got {self.subject_sampling!r}")
         if not self.subjects:
             raise ValueError("subjects: at least one subject is needed")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.rank < 1:
-            raise ValueError("steps, batch_size, grad_accum and rank must be >= 1")
+        if min(self.steps, self.batch_size, self.grad_accum, self.rank, self.align_every) < 1:
+            raise ValueError("steps, batch_size, grad_accum, rank and align_every must be >= 1")
         if any(m < 1 or m > self.steps for m in self.milestones):
             raise ValueError(f"milestones: each must be in [1, steps={self.steps}], got {self.milestones}")
         for name in ("t_range", "align_t_range"):

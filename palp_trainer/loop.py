@@ -119,7 +119,7 @@ def train_step(task: PalpTask, data, optimizer: torch.optim.Optimizer, scaler: t
         batch = task.make_batch(generator, data, global_batch, rank, world)
         sync = task.model.no_sync() if world > 1 and micro < config.grad_accum - 1 else nullcontext()
         with sync:
-            terms = task.training_step(batch)
+            terms = task.training_step(batch, align=task.aligns_at(step))
             values = torch.stack([v.detach().float() for v in terms.values()]).tolist()
             for name, v in zip(terms, values):
                 if not math.isfinite(v):

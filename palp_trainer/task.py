@@ -104,8 +104,7 @@ class PalpTask:
         self.lora_layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
         if self.fast.channels_last:
             self.unet.to(memory_format=torch.channels_last)  # conv weights; activations follow
-        self.terms = ("denoise_loss",) if config.alignment == "none" else ("denoise_loss", "align_loss")
-        self.graphed = None  # captured on the first step, when the batch shapes are known
+        self.graphed = {}  # align -> the step captured on its first use, when the batch shapes are known
 
     def autocast(self):
         if self.dtype == torch.float32 or self.fast.native_dtype:
@@ -170,17 +169,27 @@ class PalpTask:
             "eps_align": eps if cfg.same_noise else fresh[mine].to(self.device),
         }
 
-    def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def aligns_at(self, step: int) -> bool:
+        """Whether optimizer step `step` (0-based) has the alignment term: every `align_every`-th, from the first."""
+        return self.config.alignment != "none" and step % self.config.align_every == 0
+
+    def training_step(self, batch: dict[str, torch.Tensor], align: bool = True) -> dict[str, torch.Tensor]:
+        """The loss terms of one batch; `align=False` leaves the alignment term out (a plain LoRA+TI step)."""
+        align = align and self.config.alignment != "none"
         args = (batch["latents"], batch["eps"], batch["t"], batch["eps_align"], batch["subject"])
+        names = ("denoise_loss", "align_loss") if align else ("denoise_loss",)
         if not self.fast.cuda_graphs:
-            return dict(zip(self.terms, self.loss_terms(*args)))
-        if self.graphed is None:
-            self.graphed = self.capture(args)
-        return dict(zip(self.terms, self.graphed(*args)))
+            return dict(zip(names, self.loss_terms(*args, align=align)))
+        if align not in self.graphed:
+            self.graphed[align] = self.capture(args, align)
+        return dict(zip(names, self.graphed[align](*args)))
 
     def loss_terms(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, eps_align: torch.Tensor,
-                   subject: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The step's differentiable part: (denoise_loss[, align_loss]); the same code eager or captured."""
+                   subject: torch.Tensor, align: bool = True) -> tuple[torch.Tensor, ...]:
+        """The step's differentiable part: (denoise_loss[, align_loss]); the same code eager or captured.
+
+        With `align_every` = k > 1 the alignment term runs on every k-th step at weight k·λ, so its expected
+        gradient per step is unchanged (lazy regularization, as StyleGAN2 does for R1; Karras et al. 2020)."""
         cfg = self.config
         alpha_bar = self.alphas_cumprod[t]  # [B]
         x_t = losses.add_noise(x0, eps, alpha_bar)
@@ -189,13 +198,14 @@ class PalpTask:
             with self.autocast():
                 eps_pred, prompt_enc = self.model(x_t.to(self.dtype), t, self.prompt_ids[subject])
             terms = (losses.denoise(eps_pred, eps),)
-            if cfg.alignment != "none":
+            if align and cfg.alignment != "none":
                 x0_hat = losses.predict_x0(x_t, eps_pred.float(), alpha_bar)  # Eq. 2, with grad
                 branch = self.alignment_branch(x0_hat, {"t": t, "eps_align": eps_align}, prompt_enc)
-                terms += (cfg.align_weight * losses.score_distillation(x0_hat, branch["score"]),)
+                weight = cfg.align_weight * cfg.align_every
+                terms += (weight * losses.score_distillation(x0_hat, branch["score"]),)
         return terms
 
-    def capture(self, args: tuple[torch.Tensor, ...]) -> nn.Module:
+    def capture(self, args: tuple[torch.Tensor, ...], align: bool) -> nn.Module:
         """`loss_terms` as one CUDA graph for the forward and one for the backward.
 
         make_graphed_callables runs 3 eager warm-up steps (no update), then captures; the backward graph
@@ -203,7 +213,7 @@ class PalpTask:
         backward, optimizer step and zero_grad stay as they are. Replays read the parameters in place:
         the optimizer's in-place updates (and a resumed checkpoint's copy_) are seen.
         """
-        step = _CapturedStep(self)
+        step = _CapturedStep(self, align)
         return torch.cuda.make_graphed_callables(step, tuple(a.clone() for a in args), allow_unused_input=True)
 
     @torch.no_grad()  # the alignment branch needs no backward of its own (Eq. 7)
@@ -277,10 +287,11 @@ class _CapturedStep(nn.Module):
     """`task.loss_terms` as a module whose parameters are the trainables alone (LoRA + placeholder rows):
     make_graphed_callables differentiates its parameters; the frozen weights are read in place."""
 
-    def __init__(self, task: PalpTask):
+    def __init__(self, task: PalpTask, align: bool):
         super().__init__()
         self.trainables = nn.ParameterList([p for p in task.model.parameters() if p.requires_grad])
         self.loss_terms = task.loss_terms  # a bound method: the model is not registered twice
+        self.align = align
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.loss_terms(*args)
+        return self.loss_terms(*args, align=self.align)

@@ -65,6 +65,7 @@ CASES = [
     ("train.rank", True, "train.rank: expected int, got bool True"),
     ("train.rank", 2.5, "train.rank: expected int, got float 2.5"),
     ("train.rank", 0, "train.rank: must be >= 1"),
+    ("train.align_every", 0, "train.align_every: must be >= 1"),
     ("train.lr", -1, "train.lr: must be > 0"),
     ("train.alpha", 0, "train.alpha: must be > 0"),
     ("train.t_range", [500, 100], "train.t_range: need 0 <= lo < hi <= 1000"),

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from palp_trainer import losses
 from palp_trainer.data import SubjectLatents
-from palp_trainer.loop import build, make_optimizer
+from palp_trainer.loop import build, make_optimizer, train_step
 from palp_trainer.task import FastPaths, PalpModel, PalpTask
 from tests.conftest import tiny_config
 
@@ -269,27 +269,23 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("alignment", ["palp", "none", "nfsd"])
-def test_cuda_graphs_replay_the_eager_step(subject_images, tmp_path, alignment):
-    """Two optimizer steps: graphed and eager give the same losses and the same LoRA/placeholder weights."""
+@pytest.mark.parametrize("alignment,align_every", [("palp", 1), ("none", 1), ("nfsd", 1), ("palp", 2)])
+def test_cuda_graphs_replay_the_eager_step(subject_images, tmp_path, alignment, align_every):
+    """Three optimizer steps of loop.train_step: graphed and eager give the same losses and the same
+    LoRA/placeholder weights (align_every 2: a graph with the alignment term and one without)."""
     cuda = torch.device("cuda")
     fast = FastPaths.auto(cuda, torch.bfloat16, distributed=False)
     results = []
     for graphs in (False, True):
         torch.manual_seed(0)
         task, base, embedding, lora, data = setup(subject_images, tmp_path / str(graphs), cuda, "bf16",
-                                                  alignment=alignment)
+                                                  alignment=alignment, align_every=align_every)
         t = task(dataclasses.replace(fast, cuda_graphs=graphs))
         optimizer = make_optimizer(t.config, lora, embedding)
         generator = torch.Generator().manual_seed(0)
-        logs = []
-        for _ in range(3):
-            terms = t.training_step(t.make_batch(generator, data, 2))
-            logs.append({k: v.item() for k, v in terms.items()})
-            sum(terms.values()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        assert (t.graphed is not None) == graphs
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        logs = [train_step(t, data, optimizer, scaler, generator, 2, step=step) for step in range(3)]
+        assert len(t.graphed) == (0 if not graphs else 2 if align_every == 2 else 1)
         results.append((logs, [p.detach().clone() for p in lora + [embedding.rows]]))
     (eager_logs, eager_w), (graph_logs, graph_w) = results
     for a, b in zip(eager_logs, graph_logs):

@@ -66,3 +66,10 @@ def test_resume_is_exact(subject_images, tmp_path, precision):
 def test_non_finite_loss_names_step_and_term(subject_images, tmp_path):
     with pytest.raises(NonFiniteLoss, match=r"step \d+: (denoise|align)_loss is (nan|inf)"):
         train_loop(tiny_config(subject_images, tmp_path / "run", steps=6, lr=1e30, embedding_lr=1e30))
+
+
+def test_align_every_logs_the_alignment_term_on_its_steps_only(subject_images, tmp_path):
+    train_loop(tiny_config(subject_images, tmp_path / "run", steps=4, align_every=2))
+    rows = history(tmp_path / "run")
+    assert ["align_loss" in r for r in rows] == [True, False, True, False]
+    assert all(r["loss"] == r["denoise_loss"] + r.get("align_loss", 0.0) for r in rows)

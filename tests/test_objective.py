@@ -192,6 +192,29 @@ def test_none_alignment_is_plain_lora_ti(subject_images, tmp_path):
     assert set(terms) == {"denoise_loss"} and len(rec.calls) == 1
 
 
+def test_align_every_k_runs_the_term_on_every_kth_step_at_k_times_lambda(subject_images, tmp_path):
+    """Between alignment steps the step is the plain LoRA+TI step (one UNet call); on them, the term is k·λ
+    times the every-step term, so the expected alignment gradient per step is the paper's."""
+    params = lambda lora, embedding: lora + [embedding.rows]
+    task, base, embedding, lora, batch, _ = make_task(subject_images, tmp_path / "k3", align_every=3)
+    assert [task.aligns_at(s) for s in range(7)] == [True, False, False, True, False, False, True]
+    with UNetCalls(base.unet) as rec:
+        skipped = task.training_step(batch, align=False)
+    assert set(skipped) == {"denoise_loss"} and len(rec.calls) == 1
+    k3 = task.training_step(batch)
+    k3_grads = torch.autograd.grad(k3["align_loss"], params(lora, embedding))
+    torch.manual_seed(0)  # the same LoRA perturbation as make_task's first call (conftest seeds 0 too)
+    plain = make_task(subject_images, tmp_path / "plain", alignment="none")
+    torch.testing.assert_close(skipped["denoise_loss"], plain[0].training_step(batch)["denoise_loss"])
+    torch.manual_seed(0)
+    every, _, embedding1, lora1, _, _ = make_task(subject_images, tmp_path / "k1")
+    k1 = every.training_step(batch)
+    k1_grads = torch.autograd.grad(k1["align_loss"], params(lora1, embedding1))
+    torch.testing.assert_close(k3["align_loss"], 3 * k1["align_loss"])
+    for g3, g1 in zip(k3_grads, k1_grads):
+        torch.testing.assert_close(g3, 3 * g1, rtol=1e-5, atol=1e-5 * g1.abs().max().item())
+
+
 def test_sds_and_nfsd_scores_follow_their_equations():
     g_alpha, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     w = torch.tensor([0.5, 2.0])
