@@ -12,18 +12,24 @@ from palp_trainer.task import FastPaths
 def test_tiny_bench_reports_every_run_and_time_to_adapter(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--tiny", "--batches", "2", "--steps", "1", "--repeats", "1", "--warmup", "0",
-            "--variants", "eager", "fast+fold_alignment", "--train-steps", "2", "--json", str(out)]
+            "--variants", "eager", "fast+fold_alignment", "--modes", "lora_ti", "palp", "palp_every2",
+            "--train-steps", "2", "--json", str(out)]
     assert step_bench.main(argv) == 0
     report = json.loads(out.read_text())
     runs = {(r["variant"], r["mode"], r["batch"]): r for r in report["runs"]}
-    assert set(runs) == {(v, m, b) for v in ("eager", "fast+fold_alignment") for m in ("lora_ti", "palp") for b in (2,)}
+    modes = ("lora_ti", "palp", "palp_every2")
+    assert set(runs) == {(v, m, b) for v in ("eager", "fast+fold_alignment") for m in modes for b in (2,)}
     for key, r in runs.items():
         assert "error" not in r, key
         assert r["ms_per_step"] > 0 and r["img_per_s"] > 0 and r["tflop_per_step"] > 0
-        assert set(r["losses"]) == ({"denoise_loss"} if key[1] == "lora_ti" else {"denoise_loss", "align_loss"})
+        # the last timed step: step 1 (0-based) has no alignment term at align_every 2
+        assert set(r["losses"]) == ({"denoise_loss"} if key[1] != "palp" else {"denoise_loss", "align_loss"})
     for variant in ("eager", "fast+fold_alignment"):
         for b in (2,):  # PALP: 3 extra no-grad UNet calls (2 in the pre-trained batch, 1 personalized)
             assert runs[(variant, "palp", b)]["tflop_per_step"] > 1.5 * runs[(variant, "lora_ti", b)]["tflop_per_step"]
+        # every 2nd step aligned: the mean of the two step kinds
+        half = (runs[(variant, "palp", 2)]["tflop_per_step"] + runs[(variant, "lora_ti", 2)]["tflop_per_step"]) / 2
+        assert runs[(variant, "palp_every2", 2)]["tflop_per_step"] == pytest.approx(half, rel=1e-6)
     assert runs[("fast+fold_alignment", "palp", 2)]["fast"]["fold_alignment"]
     tta = report["time_to_adapter"]
     assert "error" not in tta and tta["steps"] == 2 and len(tta["eval_s"]) == 2  # milestones 1 and 2
@@ -38,6 +44,8 @@ def test_variant_names():
         channels_last=True, fold_alignment=True)
     cuda = torch.device("cuda")
     assert step_bench.parse_variant("fast-cuda_graphs", cuda, torch.bfloat16) == FastPaths(
-        native_dtype=True, lora_compute_dtype=True, fold_alignment=True, channels_last=True)
+        native_dtype=True, lora_compute_dtype=True, fold_alignment=True, batch_pretrained=True, channels_last=True)
+    assert step_bench.parse_variant("fast", cuda, torch.bfloat16, batch_size=16) == FastPaths(
+        native_dtype=True, lora_compute_dtype=True, cuda_graphs=True)
     with pytest.raises(SystemExit, match="unknown knob"):
         step_bench.parse_variant("fast-graphs", cpu, torch.float32)
