@@ -290,17 +290,19 @@ def time_to_adapter(args, device: torch.device, work: Path) -> dict:
     from palp_trainer import evaluate
     size = TINY_RESOLUTION if args.tiny else 512
     images = subject_images(work / "images", 4, size)
-    eval_config = EvalConfig(clip_model="tiny", **({"steps": 2, "num_images": 2} if args.tiny else {}))
+    eval_config = EvalConfig(clip_model="tiny", cuda_graphs=args.eval_cuda_graphs,
+                             **({"steps": 2, "num_images": 2} if args.tiny else {}))
     config = bench_config(args.tiny, str(work / "run"), steps=args.train_steps, milestones=(args.train_steps // 2,),
                           eval=eval_config, rank=4 if args.tiny else 32,
                           subjects=(SubjectSpec("cat", "[V1]", "cat", images, "A photo of [V1]"),))
-    evals = []
+    evals, sampling = [], []
     real_evaluate = evaluate.evaluate_adapter
 
     def timed_evaluate(*a, **k):
         started = time.perf_counter()
         out = real_evaluate(*a, **k)
         evals.append(time.perf_counter() - started)
+        sampling.append(out["eval_sample_seconds"])  # of which: sampling the images (the rest: grid, scores)
         return out
 
     sync(device)
@@ -314,7 +316,9 @@ def time_to_adapter(args, device: torch.device, work: Path) -> dict:
              if a["step"] not in config.report_steps]  # a milestone's evaluation lands in the next step's time
     return {
         "steps": args.train_steps, "batch": config.batch_size, "precision": config.precision,
-        "time_to_adapter_s": total, "eval_s": evals, "eval_fraction": sum(evals) / total,
+        "time_to_adapter_s": total, "eval_s": evals, "eval_sample_s": sampling,
+        "eval_fraction": sum(evals) / total,
+        "eval_cuda_graphs": args.eval_cuda_graphs,
         "first_step_s": history[0]["train_seconds"], "median_step_ms": statistics.median(steps) * 1000 if steps else None,
         "train_loop_seconds": metrics["time_total_s"], "final_losses": {k: history[-1][k] for k in history[-1]
                                                                        if k.endswith("_loss")},
@@ -335,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", nargs="*", default=[], metavar="VARIANT:MODE:BATCH",
                         help="further single runs (ablations) after the grid")
     parser.add_argument("--train-steps", type=int, default=0, help="also time train_loop for this many steps")
+    parser.add_argument("--eval-cuda-graphs", action="store_true",
+                        help="time_to_adapter: milestone sampling replays its denoiser as a CUDA graph")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="skip runs once this much time passed")
     parser.add_argument("--json", type=Path, help="write every number here")
     args = parser.parse_args(argv)
