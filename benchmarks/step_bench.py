@@ -315,6 +315,7 @@ def time_to_adapter(args, device: torch.device, work: Path) -> dict:
     steps = [b["train_seconds"] - a["train_seconds"] for a, b in zip(history, history[1:])
              if a["step"] not in config.report_steps]  # a milestone's evaluation lands in the next step's time
     return {
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "steps": args.train_steps, "batch": config.batch_size, "precision": config.precision,
         "time_to_adapter_s": total, "eval_s": evals, "eval_sample_s": sampling,
         "eval_fraction": sum(evals) / total,
@@ -330,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test")
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
-    parser.add_argument("--variants", nargs="+", default=["eager", "fast"])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    parser.add_argument("--variants", nargs="*", default=["eager", "fast"], help="none: time to adapter alone")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps per repeat (a multiple of align_every: palp_every2 needs an even number)")
     parser.add_argument("--repeats", type=int, default=3, help="the median of these is reported")
     parser.add_argument("--warmup", type=int, default=3, help="steps after the first, untimed")
     parser.add_argument("--profile", nargs="*", default=[], metavar="VARIANT:MODE:BATCH",

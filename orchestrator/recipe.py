@@ -361,6 +361,8 @@ class Recipe:
             if s.token not in used:
                 raise RecipeError(f"subjects[{i}].token: {s.token} appears in no prompt target; "
                                   "use it in a prompt or remove the subject")
+        if self.eval.cuda_graphs and not self.resources.use_gpu:
+            raise RecipeError("eval.cuda_graphs: needs GPU workers; set resources.use_gpu: true or drop it")
         if self.scheduler.type == "asha" and self.scheduler.grace_period > len(self.search.steps):
             raise RecipeError(f"scheduler.grace_period: {self.scheduler.grace_period} milestones, but search.steps "
                               f"has only {len(self.search.steps)}")

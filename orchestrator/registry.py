@@ -43,7 +43,8 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict) -> dict:
         # predict's type hints give inputs/outputs; the params (seed, steps, ...) are added here
         mlflow.models.set_signature(info.model_uri, SIGNATURE)
     version = mlflow.register_model(info.model_uri, name)
-    tags = {**best["hparams"], **{k: manifest[k] for k in ("alpha", "beta", "rank", "alignment", "align_weight")},
+    knobs = ("alpha", "beta", "rank", "alignment", "align_weight", "align_every")
+    tags = {**best["hparams"], **{k: manifest[k] for k in knobs},
             "steps": manifest["steps"], "base_model": manifest["base_model"],
             "recipe_hash": dict(tracking.common_params)["recipe_hash"], "source_run": run.info.run_id,
             "pair": pair, **{f"metric.{k}": best[k] for k in ("clip_t", "clip_i", "composite") if k in best},

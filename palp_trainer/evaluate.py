@@ -44,22 +44,19 @@ def generate(pipe: StableDiffusionPipeline, prompt: str, seeds: tuple[int, ...],
     a CUDA graph (`graphed_unet`)."""
     images = []
     dtype = pipe.unet.dtype
-    half = dtype != torch.float32
-    graphs = cuda_graphs and pipe.device.type == "cuda"
-    for i in range(0, len(seeds), batch_size):
-        chunk = seeds[i:i + batch_size]
-        with (masters_as(dtype, pipe.unet, pipe.text_encoder) if half else contextlib.nullcontext()), \
-                (graphed_unet(pipe.unet) if graphs else contextlib.nullcontext()):
+    if cuda_graphs and pipe.device.type != "cuda":
+        raise ValueError(f"eval.cuda_graphs: needs a CUDA device, the pipeline is on {pipe.device}")
+    # no grad: the casts need no backward here; one cast and one capture per shape for all chunks
+    with torch.no_grad(), \
+            (masters_as(dtype, pipe.unet, pipe.text_encoder) if dtype != torch.float32 else contextlib.nullcontext()), \
+            (graphed_unet(pipe.unet) if cuda_graphs else contextlib.nullcontext()):
+        for i in range(0, len(seeds), batch_size):
+            chunk = seeds[i:i + batch_size]
             out = pipe(prompt=[prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance_scale,
                        generator=[torch.Generator("cpu").manual_seed(s) for s in chunk],
                        height=resolution, width=resolution, **call_kwargs)
-        images += out.images
+            images += out.images
     return images
-
-
-def does_cfg(pipe: StableDiffusionPipeline, guidance_scale: float) -> bool:
-    """StableDiffusionPipeline.do_classifier_free_guidance, before a call sets it."""
-    return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
 
 
 @contextlib.contextmanager

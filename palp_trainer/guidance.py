@@ -28,14 +28,14 @@ def sample(pipe, prompt: str, method: str, *, omega: float = DEFAULT_OMEGA, seed
            placeholders: dict[str, str] | None = None) -> list[Image.Image]:
     """One image per seed with `method` ("cfg" | "pg" | "alignit"); an image depends only on its seed,
     so the methods are compared on identical starting noise. `placeholders`: token -> class word."""
-    from .evaluate import does_cfg, generate  # here: recipe validation imports parse_methods without diffusers
+    from .evaluate import generate  # here: recipe validation imports parse_methods without diffusers
 
     def run(text: str) -> list[Image.Image]:
         return generate(pipe, text, tuple(seeds), steps, guidance_scale, batch_size, resolution)
 
     if method == "cfg":
         return run(prompt)
-    cfg = does_cfg(pipe, guidance_scale)
+    cfg = _does_cfg(pipe, guidance_scale)
     if method == "pg":
         omega = check_omega(omega)
         if not cfg:
@@ -48,6 +48,11 @@ def sample(pipe, prompt: str, method: str, *, omega: float = DEFAULT_OMEGA, seed
         with alignit(pipe, prompts, cfg):
             return run(prompts.base_prompt)
     raise ValueError(f"method: unknown {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _does_cfg(pipe, guidance_scale: float) -> bool:
+    # StableDiffusionPipeline.do_classifier_free_guidance, before the call sets it
+    return guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
 
 
 # --- personalization guidance: LoRA scale per row of the UNet batch --------------------------------------

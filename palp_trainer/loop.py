@@ -60,7 +60,7 @@ def manifest(config: TrainConfig, step: int) -> dict:
         "subjects": [asdict(s) for s in config.subjects],
         "target_prompt": config.target_prompt, "clean_prompt": config.clean_prompt,
         "alignment": config.alignment, "alpha": config.alpha, "beta": config.beta,
-        "align_weight": config.align_weight, "rank": config.rank,
+        "align_weight": config.align_weight, "align_every": config.align_every, "rank": config.rank,
         "lora_alpha": config.lora_alpha or config.rank, "steps": step, "resolution": config.resolution,
     }
 
@@ -107,9 +107,10 @@ def load_checkpoint(directory: Path, base, embedding, optimizer, scaler, generat
 
 
 def train_step(task: PalpTask, data, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               generator: torch.Generator, global_batch: int, rank: int = 0, world: int = 1,
-               step: int = 0) -> dict[str, float]:
-    """One optimizer step (grad_accum micro-batches); returns each loss term, averaged over them.
+               generator: torch.Generator, global_batch: int, *, step: int, rank: int = 0,
+               world: int = 1) -> dict[str, float]:
+    """Optimizer step `step` (0-based; with align_every it decides whether the alignment term runs) over
+    grad_accum micro-batches; returns each loss term, averaged over them.
 
     The step `train_loop` runs, and the one benchmarks/step_bench.py times. One host sync per micro-batch
     (all terms read together), which is also the non-finite check."""
@@ -183,7 +184,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     last_eval: dict = {}
     started = time.perf_counter()
     while step < config.steps:
-        logs = train_step(task, data, optimizer, scaler, generator, global_batch, rank, world, step)
+        logs = train_step(task, data, optimizer, scaler, generator, global_batch, step=step, rank=rank, world=world)
         step += 1
         bar.update(1)
         bar.set_postfix({k.removesuffix("_loss"): f"{v:.4f}" for k, v in logs.items()})

@@ -132,15 +132,19 @@ def masters_as(dtype: torch.dtype, *modules: nn.Module):
             names = [n for n, p in m._parameters.items() if p is not None and p.is_floating_point() and p.dtype != dtype]
             if names and m not in owners:
                 owners[m] = (dict(m._parameters), names)
-    for m, (params, names) in owners.items():
-        for name in names:
-            delattr(m, name)  # unregistered for the duration
-            setattr(m, name, params[name].to(dtype))  # a plain tensor attribute
+    swapped = []
     try:
+        for m, (params, names) in owners.items():
+            swapped.append(m)
+            for name in names:
+                delattr(m, name)  # unregistered for the duration
+                setattr(m, name, params[name].to(dtype))  # a plain tensor attribute
         yield
     finally:
-        for m, (params, names) in owners.items():
+        for m in swapped:  # those reached, if a cast failed (out of memory) halfway
+            params, names = owners[m]
             for name in names:
-                delattr(m, name)
+                if name not in m._parameters:
+                    m.__dict__.pop(name, None)
             m._parameters.clear()
             m._parameters.update(params)

@@ -105,6 +105,7 @@ class PalpTask:
         if self.fast.channels_last:
             self.unet.to(memory_format=torch.channels_last)  # conv weights; activations follow
         self.graphed = {}  # align -> the step captured on its first use, when the batch shapes are known
+        self.graph_pool = None  # one memory pool for both step kinds (align_every > 1): they never overlap
 
     def autocast(self):
         if self.dtype == torch.float32 or self.fast.native_dtype:
@@ -189,7 +190,9 @@ class PalpTask:
         """The step's differentiable part: (denoise_loss[, align_loss]); the same code eager or captured.
 
         With `align_every` = k > 1 the alignment term runs on every k-th step at weight k·λ, so its expected
-        gradient per step is unchanged (lazy regularization, as StyleGAN2 does for R1; Karras et al. 2020)."""
+        gradient per step is unchanged (lazy regularization, as StyleGAN2 does for R1; Karras et al. 2020).
+        AdamW's update is not: its second moment sees rarer, k-times larger alignment gradients, so k is a
+        knob that interacts with λ and lr, not a free speed-up."""
         cfg = self.config
         alpha_bar = self.alphas_cumprod[t]  # [B]
         x_t = losses.add_noise(x0, eps, alpha_bar)
@@ -214,7 +217,11 @@ class PalpTask:
         the optimizer's in-place updates (and a resumed checkpoint's copy_) are seen.
         """
         step = _CapturedStep(self, align)
-        return torch.cuda.make_graphed_callables(step, tuple(a.clone() for a in args), allow_unused_input=True)
+        # a second step kind (align_every > 1) captures into the first one's pool, so its activations reuse
+        # the same memory: each graph's forward and backward replay back to back, never interleaved
+        self.graph_pool = self.graph_pool or torch.cuda.graph_pool_handle()
+        return torch.cuda.make_graphed_callables(step, tuple(a.clone() for a in args), allow_unused_input=True,
+                                                 pool=self.graph_pool)
 
     @torch.no_grad()  # the alignment branch needs no backward of its own (Eq. 7)
     def alignment_branch(self, x0_hat: torch.Tensor, batch: dict[str, torch.Tensor],

@@ -25,7 +25,7 @@ def test_tiny_bench_reports_every_run_and_time_to_adapter(tmp_path):
         # the last timed step: step 1 (0-based) has no alignment term at align_every 2
         assert set(r["losses"]) == ({"denoise_loss"} if key[1] != "palp" else {"denoise_loss", "align_loss"})
     for variant in ("eager", "fast+fold_alignment"):
-        for b in (2,):  # PALP: 3 extra no-grad UNet calls (2 in the pre-trained batch, 1 personalized)
+        for b in (2,):  # PALP: 3 extra no-grad UNet calls (pre-trained ∅ and y^c, personalized y_P)
             assert runs[(variant, "palp", b)]["tflop_per_step"] > 1.5 * runs[(variant, "lora_ti", b)]["tflop_per_step"]
         # every 2nd step aligned: the mean of the two step kinds
         half = (runs[(variant, "palp", 2)]["tflop_per_step"] + runs[(variant, "lora_ti", 2)]["tflop_per_step"]) / 2
@@ -49,3 +49,15 @@ def test_variant_names():
         native_dtype=True, lora_compute_dtype=True, cuda_graphs=True)
     with pytest.raises(SystemExit, match="unknown knob"):
         step_bench.parse_variant("fast-graphs", cpu, torch.float32)
+
+
+def test_tiny_pack_bench_times_one_trial_alone_then_two_at_once(tmp_path):
+    from benchmarks import pack_bench
+    out = tmp_path / "pack.json"
+    assert pack_bench.main(["--tiny", "--trials", "2", "--train-steps", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["alone"]["trials"] == 1 and len(report["alone"]["time_to_adapter_s"]) == 1
+    assert report["packed"]["trials"] == 2 and len(report["packed"]["time_to_adapter_s"]) == 2
+    assert all(t > 0 for t in report["alone"]["time_to_adapter_s"] + report["packed"]["time_to_adapter_s"])
+    # the speed-up is 2 x (one alone) / (two at once), from the measured walls
+    assert report["speedup"] == pytest.approx(2 * report["alone"]["wall_s"] / report["packed"]["wall_s"])

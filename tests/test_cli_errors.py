@@ -87,6 +87,7 @@ CASES = [
     ("scheduler.mode", "maximize", "scheduler.mode: must be 'max' or 'min'"),
     ("scheduler.grace_period", 3, "scheduler.grace_period: 3 milestones, but search.steps has only 2"),
     ("eval.num_images", 0, "eval.num_images: must be >= 1"),
+    ("eval.cuda_graphs", True, "eval.cuda_graphs: needs GPU workers"),
     ("eval.sampler", "euler", "eval.sampler: must be one of"),
     ("eval.elements", ["a"], "eval.elements: set per prompt"),
     ("resources.gpus_per_worker", 1, "resources.gpus_per_worker: set resources.use_gpu: true"),

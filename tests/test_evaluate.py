@@ -56,7 +56,15 @@ def test_half_precision_sampling_runs_natively_and_stays_as_close_to_fp32_as_aut
     pipe = pipeline_from(base)
     lora = [p for n, p in base.unet.named_parameters() if "lora_" in n]
     args = (config.target_prompt, (0, 1), 4, 7.5, 2, 32)
+    seen = []  # the weight dtypes a LoRA layer and the placeholder table compute with
+    lora_a = next(m for n, m in base.unet.named_modules() if n.endswith("lora_A.default"))
+    hooks = [lora_a.register_forward_pre_hook(lambda m, a: seen.append(("lora", m.weight.dtype, a[0].dtype))),
+             base.text_encoder.get_input_embeddings().register_forward_pre_hook(
+                 lambda m, a: seen.append(("rows", m.rows.dtype)))]
     native = _pixels(generate(pipe, *args))
+    for h in hooks:
+        h.remove()
+    assert set(seen) == {("lora", torch.bfloat16, torch.bfloat16), ("rows", torch.bfloat16)}
     assert all(p.dtype == torch.float32 and isinstance(p, torch.nn.Parameter) for p in lora)
     assert [p for n, p in base.unet.named_parameters() if "lora_" in n] == lora  # the same masters, registered
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -49,8 +49,8 @@ def assert_same_step(a, b, rtol, atol):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
 
-def test_auto_keeps_the_plain_step_on_cpu_fp32():
-    # the pinned CPU fp32 numbers of test_loop run the plain path
+def test_auto_picks_by_device_dtype_and_batch():
+    # on CPU only the pre-trained prompts' batching (B <= 4) is on: the pinned fp32 losses of test_loop run it
     assert FastPaths.auto(CPU, torch.float32, distributed=False, batch_size=8) == PLAIN
     assert FastPaths.auto(CPU, torch.float32, distributed=False) == FastPaths(batch_pretrained=True)
     assert FastPaths.auto(CPU, torch.bfloat16, distributed=False) == FastPaths(lora_compute_dtype=True,

@@ -113,7 +113,8 @@ def test_registry_version_alias_and_pyfunc(sweep, tmp_path):
     [model] = client.search_registered_models()
     assert model.name == "palp-cat-a-sketch-of-v1"
     version = client.get_model_version_by_alias(model.name, "champion")
-    assert {"alpha", "beta", "rank", "steps", "base_model", "recipe_hash", "metric.composite"} <= set(version.tags)
+    assert {"alpha", "beta", "rank", "align_every", "steps", "base_model", "recipe_hash",
+            "metric.composite"} <= set(version.tags)
     assert version.tags["best_method"] in ("cfg", "pg-0.6", "alignit")
     assert "A sketch of [V1]" in version.description
 
