@@ -306,6 +306,8 @@ def time_to_adapter(args, device: torch.device, work: Path) -> dict:
         return out
 
     sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the grid's runs in this process are not this run's peak
     started = time.perf_counter()
     with mock.patch.object(evaluate, "evaluate_adapter", timed_evaluate):
         metrics = loop.train_loop(config, random_base(device, args.tiny))  # the base's build time counts

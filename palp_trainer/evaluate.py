@@ -39,7 +39,7 @@ def generate(pipe: StableDiffusionPipeline, prompt: str, seeds: tuple[int, ...],
     only on its seed and the weights: identical across trials, devices' batch splits and reruns.
 
     Half-precision weights compute as stored, without autocast, as diffusers' own fp16/bf16 inference
-    does; the trainer's fp32 masters (LoRA, placeholder rows) are cast to that dtype once per batch
+    does; the trainer's fp32 masters (LoRA, placeholder rows) are cast to that dtype once per call
     (`masters_as`), so no layer casts activations to fp32 and back. `cuda_graphs`: the denoiser replays
     a CUDA graph (`graphed_unet`)."""
     images = []
