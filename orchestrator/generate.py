@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--omega", default=str(DEFAULT_OMEGA),
                    help=f"pg's weak-model scale ω in [0, 1]; a comma list gives one pg row each (default {DEFAULT_OMEGA})")
     p.add_argument("--out", help="output folder (default generated/<prompt slug>)")
-    p.add_argument("--clip-model", help=f"CLIP for CLIP-T / CLIP-I (default {DEFAULT_CLIP}; 'tiny' for the tiny base)")
-    p.add_argument("--no-score", action="store_true", help="skip CLIP-T / CLIP-I")
+    p.add_argument("--clip-model", help=f"CLIP for CLIP-T / CLIP-I (default {DEFAULT_CLIP}; 'tiny' for the tiny base; "
+                                        "adapters of the world base are scored by its oracle judge)")
+    p.add_argument("--no-score", action="store_true", help="skip scoring")
     p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -165,7 +166,11 @@ def _run(args) -> int:
     scorer, refs, why = None, None, "--no-score"
     if not args.no_score:
         refs, why = _references(manifest, used)
-    if refs:  # load before sampling: a missing checkpoint fails in seconds, not after the images
+    world_judge = manifest["base_model"] == "world" and not args.clip_model
+    if refs and world_judge:
+        from palp_trainer.judge import WorldJudge
+        scorer = WorldJudge()
+    elif refs:  # load before sampling: a missing checkpoint fails in seconds, not after the images
         clip = args.clip_model or _default_clip(manifest["base_model"])
         try:
             with _quiet_hub():
@@ -205,8 +210,16 @@ def _run(args) -> int:
     if scorer is None:
         print(f"scores skipped: {why}")
         return 0
-    print(f"scores vs {clean!r} ({scorer.clip_id}, raw cosine):")
     width = max(map(len, rows))
+    if world_judge:
+        subjects = [(s["token"], s["class_word"]) for s in manifest["subjects"] if s["token"] in used]
+        print(f"scores of {args.prompt!r} by the world's oracle judge (probabilities):")
+        for label, images in rows.items():
+            s = scorer.score(images, args.prompt, subjects, refs)
+            print(f"  {label:<{width}}  judge_text {s['judge_text']:.4f}  judge_subject {s['judge_subject']:.4f}  "
+                  f"judge_success {s['judge_success']:.2f}")
+        return 0
+    print(f"scores vs {clean!r} ({scorer.clip_id}, raw cosine):")
     for label, images in rows.items():
         s = scorer.score(images, clean, refs)
         print(f"  {label:<{width}}  clip_t {s['clip_t']:.4f}  clip_i {s['clip_i']:.4f}")

@@ -4,14 +4,16 @@ Recipes hold overrides only; every default lives in a dataclass here or in `palp
 (TrainDefaults reads TrainConfig's own defaults). Every problem is a `RecipeError` whose message is
 one line, `field.path: problem`, e.g. `subjects[1].images: no such file or directory: .../data/dgo`.
 
-Two defaults depend on `base_model`: `resolution` None means 32 px for "tiny" (the built-in toy
-model) and 512 otherwise; `precision` None means "fp32" for "tiny" (a CPU model) and "bf16" otherwise.
+Three defaults depend on `base_model`: `resolution` None means 32 px for the built-in "tiny" (toy, random)
+and "world" (pretrained on palp_trainer/world.py) bases and 512 otherwise; `precision` None means "fp32"
+for those two (CPU models) and "bf16" otherwise; `eval.scorer` None means the world's oracle judge for
+"world" and CLIP otherwise.
 """
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
-from palp_trainer.config import ALIGNMENTS, PRECISIONS, TINY_RESOLUTION, EvalConfig, TrainConfig
+from palp_trainer.config import ALIGNMENTS, PRECISIONS, SMALL_BASES, EvalConfig, TrainConfig, default_resolution
 
 PLACEHOLDER = re.compile(r"\[[^\[\]\s]+\]")  # "[V1]", "[sks]": brackets, no spaces
 DIM_KINDS = ("fixed", "grid", "choice", "uniform", "loguniform")
@@ -319,9 +321,9 @@ class Recipe:
     name: str
     subjects: tuple[Subject, ...]
     prompts: tuple[Prompt, ...]
-    base_model: str = "tiny"  # "tiny" | hub id | local diffusers directory
-    resolution: int | None = None  # None: 32 for tiny, else 512
-    precision: str | None = None  # None: fp32 for tiny, else bf16
+    base_model: str = "tiny"  # "tiny" | "world" | hub id | local diffusers directory
+    resolution: int | None = None  # None: 32 for tiny and world, else 512
+    precision: str | None = None  # None: fp32 for tiny and world, else bf16
     seed: int = _default("seed")
     train: TrainDefaults = field(default_factory=TrainDefaults)
     search: Search = field(default_factory=Search)
@@ -332,11 +334,13 @@ class Recipe:
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
 
     def __post_init__(self):
-        tiny = self.base_model == "tiny"
+        small = self.base_model in SMALL_BASES
         if self.resolution is None:
-            object.__setattr__(self, "resolution", TINY_RESOLUTION if tiny else 512)
+            object.__setattr__(self, "resolution", default_resolution(self.base_model))
         if self.precision is None:
-            object.__setattr__(self, "precision", "fp32" if tiny else "bf16")
+            object.__setattr__(self, "precision", "fp32" if small else "bf16")
+        if self.eval.scorer is None:
+            object.__setattr__(self, "eval", replace(self.eval, scorer="world" if self.base_model == "world" else "clip"))
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise RecipeError(f"name: use letters, digits, '.', - and _ only (it names the sweep), got {self.name!r}")
         if self.resolution < 8 or self.resolution % 8:

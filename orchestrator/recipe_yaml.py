@@ -14,7 +14,7 @@ from typing import Union, get_args, get_origin
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from palp_trainer.config import TINY_RESOLUTION, EvalConfig
+from palp_trainer.config import EvalConfig, default_resolution
 from palp_trainer.data import IMAGE_SUFFIXES, DataError, list_images
 
 from .recipe import (DIM_KINDS, _KNOB_TYPES, Dim, MlflowSpec, Prompt, Recipe, RecipeError, Resources, SchedulerSpec,
@@ -236,7 +236,7 @@ def parse_recipe(raw: dict, base_dir: str | Path = ".") -> Recipe:
     # resolution decides which images are too small; resolve it the way Recipe does
     resolution = scalars.get("resolution")
     if resolution is None:
-        resolution = TINY_RESOLUTION if scalars.get("base_model", "tiny") == "tiny" else 512
+        resolution = default_resolution(scalars.get("base_model", "tiny"))
     subjects = tuple(_parse_subject(s, i, Path(base_dir), resolution, train.allow_upscale)
                      for i, s in enumerate(_list(raw["subjects"], "subjects")))
     _check_unique(subjects)  # before prompts: a prompt error would hide the real cause

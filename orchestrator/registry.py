@@ -47,7 +47,7 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict) -> dict:
     tags = {**best["hparams"], **{k: manifest[k] for k in knobs},
             "steps": manifest["steps"], "base_model": manifest["base_model"],
             "recipe_hash": dict(tracking.common_params)["recipe_hash"], "source_run": run.info.run_id,
-            "pair": pair, **{f"metric.{k}": best[k] for k in ("clip_t", "clip_i", "composite") if k in best},
+            "pair": pair, **{f"metric.{k}": best[k] for k in (*recipe.eval.metric_names, "composite") if k in best},
             f"metric.{metric}": best[metric]}
     if best.get("best_method"):
         tags["best_method"] = best["best_method"]

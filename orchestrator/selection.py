@@ -1,4 +1,4 @@
-"""Sweep-level selection: the CLIP-T / CLIP-I Pareto front and the report plots."""
+"""Sweep-level selection: the text-alignment / subject-fidelity Pareto front and the report plots."""
 
 import math
 from pathlib import Path
@@ -20,26 +20,31 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
             if not any(c >= a and d >= b and (c > a or d > b) for _, (c, d) in valid)]
 
 
-def plot_pareto(rows: list[dict], path: str | Path, title: str) -> Path:
-    """Every scored trial at (clip_i, clip_t); the front ringed and joined; the "none" arm as squares."""
-    scored = [r for r in rows if not math.isnan(r["clip_i"]) and not math.isnan(r["clip_t"])]
-    front = sorted((scored[i] for i in pareto_front([(r["clip_i"], r["clip_t"]) for r in scored])),
-                   key=lambda r: r["clip_i"])
+AXIS_LABELS = {"clip_t": "CLIP-T (text alignment, raw cosine)", "clip_i": "CLIP-I (image alignment, raw cosine)",
+               "judge_text": "judge: text alignment (P of each prompt attribute)",
+               "judge_subject": "judge: subject fidelity (P of its defining features)"}
+
+
+def plot_pareto(rows: list[dict], path: str | Path, title: str, text: str = "clip_t", subject: str = "clip_i") -> Path:
+    """Every scored trial at (subject, text); the front ringed and joined; the "none" arm as squares."""
+    scored = [r for r in rows if not math.isnan(r[subject]) and not math.isnan(r[text])]
+    front = sorted((scored[i] for i in pareto_front([(r[subject], r[text]) for r in scored])),
+                   key=lambda r: r[subject])
     fig, ax = plt.subplots(figsize=(6, 5))
     for baseline, marker, label in ((False, "o", "trials"), (True, "s", "baseline (alignment: none)")):
         arm = [r for r in scored if (r["alignment"] == "none") == baseline]
         if arm:
-            ax.scatter([r["clip_i"] for r in arm], [r["clip_t"] for r in arm], marker=marker,
+            ax.scatter([r[subject] for r in arm], [r[text] for r in arm], marker=marker,
                        color="tab:gray" if baseline else "tab:blue", label=label, zorder=2)
     if front:
-        ax.plot([r["clip_i"] for r in front], [r["clip_t"] for r in front], color="tab:red", lw=1, zorder=1)
-        ax.scatter([r["clip_i"] for r in front], [r["clip_t"] for r in front], s=140, facecolors="none",
+        ax.plot([r[subject] for r in front], [r[text] for r in front], color="tab:red", lw=1, zorder=1)
+        ax.scatter([r[subject] for r in front], [r[text] for r in front], s=140, facecolors="none",
                    edgecolors="tab:red", label="Pareto front", zorder=3)
     for r in scored:
-        ax.annotate(str(r["trial_id"]), (r["clip_i"], r["clip_t"]), fontsize=6, xytext=(3, 3),
+        ax.annotate(str(r["trial_id"]), (r[subject], r[text]), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
-    ax.set_xlabel("CLIP-I (image alignment, raw cosine)")
-    ax.set_ylabel("CLIP-T (text alignment, raw cosine)")
+    ax.set_xlabel(AXIS_LABELS.get(subject, subject))
+    ax.set_ylabel(AXIS_LABELS.get(text, text))
     ax.set_title(f"{title}  ({len(scored)}/{len(rows)} trials scored)")
     if scored:
         ax.legend(fontsize=8)

@@ -18,7 +18,9 @@ from .selection import pareto_front, plot_curves, plot_pareto
 from .tracking import Tracking, preflight, resolve_tracking_uri, start_sweep
 from .trial import is_remote, run_trial
 
-SCORE_KEYS = ("clip_t", "clip_i", "composite")
+def score_keys(recipe: Recipe) -> tuple[str, str, str]:
+    """(text alignment, subject fidelity, composite): the recipe's scorer names the first two."""
+    return (*recipe.eval.metric_names, "composite")
 
 
 def in_job_working_dir() -> bool:
@@ -87,6 +89,8 @@ def build_tuner(recipe: Recipe, storage: str, resume: bool, tracking: Tracking) 
 def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str]]:
     """Per pair: every trial's final scores, the Pareto front, the best trial; plots on disk."""
     metric, sign = recipe.scheduler.metric, (1 if recipe.scheduler.mode == "max" else -1)
+    keys = score_keys(recipe)
+    text, subject = recipe.eval.metric_names
     pairs: dict[str, list] = {p: [] for p in recipe.pair_ids()}
     for result in results:
         m = result.metrics or {}
@@ -95,27 +99,26 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
                "alignment": result.config.get("alignment", recipe.train.alignment),
                "step": m.get("step"), "error": _reason(result.error) if result.error else None,
                "adapter": m.get("checkpoint_path"), "best_method": m.get("best_method"),
-               **{k: m.get(k, float("nan")) for k in SCORE_KEYS},
+               **{k: m.get(k, float("nan")) for k in keys},
                metric: m.get(metric, float("nan"))}
         df = result.metrics_dataframe
         history = [] if df is None or "step" not in df else [
-            {k: float(r[k]) for k in ("step", *SCORE_KEYS) if k in df and not _nan(r[k])}
+            {k: float(r[k]) for k in ("step", *keys) if k in df and not _nan(r[k])}
             for r in df.to_dict("records")]
         pairs[row["pair"]].append((row, history))
     summary, failed = {}, []
     for pair, trials in pairs.items():
         rows = [r for r, _ in trials]
         ok = [r for r in rows if r["error"] is None and not _nan(r[metric])]
-        for i in pareto_front([(r["clip_t"], r["clip_i"]) for r in rows]):
+        for i in pareto_front([(r[text], r[subject]) for r in rows]):
             rows[i]["pareto"] = True
         best = max(ok, key=lambda r: sign * r[metric]) if ok else None
         out = report_dir / pair
         out.mkdir(parents=True, exist_ok=True)
         plots = {}
         if rows:
-            plots["pareto"] = str(plot_pareto(rows, out / "pareto.png", pair))
-            plots["curves"] = str(plot_curves({r["trial_id"]: h for r, h in trials}, out / "curves.png",
-                                              list(SCORE_KEYS)))
+            plots["pareto"] = str(plot_pareto(rows, out / "pareto.png", pair, text, subject))
+            plots["curves"] = str(plot_curves({r["trial_id"]: h for r, h in trials}, out / "curves.png", list(keys)))
         summary[pair] = {"best": best, "trials": rows, "plots": plots}
         if best is None:
             reasons = "; ".join(sorted({r["error"] or "no score" for r in rows})) or "no trial ran"
@@ -137,14 +140,15 @@ def mark_stopped(tracking: Tracking, summary: dict, last_step: int) -> None:
 
 def print_summary(recipe: Recipe, summary: dict) -> None:
     metric = recipe.scheduler.metric
+    text, subject = recipe.eval.metric_names
     for pair, s in summary.items():
         print(f"\n== {pair} ==")
-        print(f"{'trial':<18} {'step':>5} {'clip_t':>7} {'clip_i':>7} {metric:>10}  front  hyperparameters")
+        print(f"{'trial':<18} {'step':>5} {text:>13} {subject:>13} {metric:>10}  front  hyperparameters")
         for r in sorted(s["trials"], key=lambda r: str(r["trial_id"])):
             star = "*" if s["best"] is r else " "
             hp = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(r["hparams"].items()))
-            print(f"{star}{str(r['trial_id']):<17} {str(r['step']):>5} {_fmt(r['clip_t']):>7} "
-                  f"{_fmt(r['clip_i']):>7} {_fmt(r[metric]):>10}  {'yes' if r.get('pareto') else '':<5}  {hp}"
+            print(f"{star}{str(r['trial_id']):<17} {str(r['step']):>5} {_fmt(r[text]):>13} "
+                  f"{_fmt(r[subject]):>13} {_fmt(r[metric]):>10}  {'yes' if r.get('pareto') else '':<5}  {hp}"
                   + (f"  ERROR: {r['error']}" if r["error"] else ""))
         if s["best"]:
             print(f"best: {s['best']['trial_id']}  adapter: {s['best']['adapter']}")

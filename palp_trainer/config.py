@@ -3,6 +3,14 @@
 from dataclasses import asdict, dataclass
 
 TINY_RESOLUTION = 32  # px of the built-in tiny model (its VAE downsamples 2x: latents [4, 16, 16])
+WORLD_RESOLUTION = 32  # px of the pretrained world base (palp_trainer/world.py), latents [4, 16, 16] too
+SMALL_BASES = ("tiny", "world")  # built-in CPU-sized bases: 32 px, fp32 by default
+SCORERS = ("clip", "world")
+
+
+def default_resolution(base_model: str) -> int:
+    """What `resolution: null` means: the small built-in bases' 32 px, else SD-1.x's 512."""
+    return TINY_RESOLUTION if base_model in SMALL_BASES else 512
 ALIGNMENTS = ("palp", "sds", "nfsd", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAMPLERS = ("ddim", "dpm")
@@ -99,14 +107,24 @@ class EvalConfig:
     methods: tuple[object, ...] = ()  # parsed by parse_methods into labels
     # milestone sampling replays the denoiser as a CUDA graph (CUDA only; opt-in until measured on a GPU)
     cuda_graphs: bool = False
+    # "clip": CLIP-T / CLIP-I (/ DINO), meaningful with real weights; "world": the world's oracle judge
+    # (judge_text / judge_subject, palp_trainer/judge.py). None: "world" for base_model world, else "clip"
+    scorer: str | None = None
 
     def __post_init__(self):
         if self.methods:
             object.__setattr__(self, "methods", tuple(label for label, _, _ in parse_methods(list(self.methods))))
+        if self.scorer is not None and self.scorer not in SCORERS:
+            raise ValueError(f"scorer: must be one of {SCORERS}, got {self.scorer!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.num_images < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("num_images, steps and batch_size must be >= 1")
+
+    @property
+    def metric_names(self) -> tuple[str, str]:
+        """(text alignment, subject fidelity): the two axes of selection, the Pareto plot and the composite."""
+        return ("judge_text", "judge_subject") if self.scorer == "world" else ("clip_t", "clip_i")
 
     @property
     def image_seeds(self) -> tuple[int, ...]:
@@ -119,7 +137,7 @@ class TrainConfig:
     target_prompt: str  # with placeholders, e.g. "An oil painting of [V1] inspired by [V2] painting"
     clean_prompt: str  # y^c: class words, no placeholder
     output_dir: str
-    base_model: str = "tiny"  # "tiny" | hub id | local diffusers directory
+    base_model: str = "tiny"  # "tiny" | "world" | hub id | local diffusers directory
     resolution: int = 512
     precision: str = "fp32"
     seed: int = 0

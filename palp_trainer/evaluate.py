@@ -105,10 +105,23 @@ def graphed_unet(unet: nn.Module, warmup: int = 2):
 
 
 @functools.lru_cache(maxsize=2)
-def scorer_for(clip_model: str, dino_model: str | None, device: str):
-    """Scorers are loaded once per process and reused at every milestone."""
+def scorer_for(ev: EvalConfig, device: str):
+    """The eval's scorer, loaded once per process and reused at every milestone: CLIP (+ DINO) or the
+    world's oracle judge."""
+    if ev.scorer == "world":
+        from .judge import WorldJudge
+        return WorldJudge()
     from .scoring import Scorer
-    return Scorer(clip_model=clip_model, dino_model=dino_model, device=torch.device(device))
+    return Scorer(clip_model=ev.clip_model, dino_model=ev.dino_model, device=torch.device(device))
+
+
+def score_images(ev: EvalConfig, scorer, config: TrainConfig, images: list[Image.Image],
+                 references: list[list[Image.Image]]) -> dict:
+    """CLIP-T is against the clean prompt y^c; the judge reads the target prompt's attributes and subjects."""
+    if ev.scorer == "world":
+        return scorer.score(images, config.target_prompt, [(s.token, s.class_word) for s in config.subjects],
+                            references, ev.weight_text, ev.weight_image)
+    return scorer.score(images, config.clean_prompt, references, ev.elements, ev.weight_text, ev.weight_image)
 
 
 def save_grid(images: list[Image.Image], path: Path) -> Path:
@@ -140,9 +153,7 @@ def evaluate_adapter(config: TrainConfig, base: Base, step: int, out_dir: Path,
     sampled = time.perf_counter() - started  # the images are on the host: the device work is done
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = save_grid(images, out_dir / f"step-{step:06d}.png")
-    scorer = scorer_for(ev.clip_model, ev.dino_model, str(pipe.device))
-    scores = scorer.score(images, config.clean_prompt, reference_images(config), ev.elements,
-                          ev.weight_text, ev.weight_image)
+    scores = score_images(ev, scorer_for(ev, str(pipe.device)), config, images, reference_images(config))
     return {**scores, "eval_seconds": time.perf_counter() - started, "eval_sample_seconds": sampled,
             "samples": str(grid)}
 
@@ -155,7 +166,7 @@ def evaluate_methods(config: TrainConfig, base: Base, step: int, out_dir: Path, 
     from .guidance import sample
     ev = config.eval
     pipe = pipeline_from(base, ev.sampler)
-    scorer = scorer_for(ev.clip_model, ev.dino_model, str(pipe.device))
+    scorer = scorer_for(ev, str(pipe.device))
     references = reference_images(config)
     placeholders = {s.token: s.class_word for s in config.subjects}
     out, composites = {}, {}
@@ -170,7 +181,7 @@ def evaluate_methods(config: TrainConfig, base: Base, step: int, out_dir: Path, 
                         guidance_scale=ev.guidance_scale, batch_size=ev.batch_size, resolution=config.resolution,
                         placeholders=placeholders, **kwargs)
         save_grid(images, out_dir / f"step-{step:06d}-{label}.png")
-        scores = scorer.score(images, config.clean_prompt, references, ev.elements, ev.weight_text, ev.weight_image)
+        scores = score_images(ev, scorer, config, images, references)
         out.update({f"method/{label}/{k}": v for k, v in scores.items()})
         composites[label] = scores["composite"]
     out["best_method"] = max(composites, key=composites.get)

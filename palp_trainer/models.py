@@ -2,6 +2,7 @@
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -11,6 +12,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .tiny import SD1_SCHEDULER, build_tiny
 
+WORLD_DIR = Path(__file__).parent / "assets" / "world"  # the pretrained world base (world_base.py), diffusers layout
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections (App. C)
 
 
@@ -26,15 +28,22 @@ class Base:
     noise_scheduler: DDPMScheduler
 
 
+def resolve_base(ref: str) -> str:
+    """"world" -> the packaged world base's directory; any other ref as given."""
+    return str(WORLD_DIR) if ref == "world" else ref
+
+
 def load_base(ref: str = "tiny") -> Base:
-    """`tiny` builds the toy model in code; anything else goes to `from_pretrained` (hub id or directory)."""
+    """`tiny` builds the toy model in code; anything else goes to `from_pretrained` (hub id or directory;
+    "world" is the packaged pretrained world base, loaded from its directory like any diffusers model)."""
+    name, ref = ref, resolve_base(ref)
     if ref == "tiny":
         parts = build_tiny()
         base = Base(ref, parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
                     DDPMScheduler(**SD1_SCHEDULER))
     else:
         base = Base(
-            ref,
+            name,
             CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer"),
             CLIPTextModel.from_pretrained(ref, subfolder="text_encoder"),
             AutoencoderKL.from_pretrained(ref, subfolder="vae"),

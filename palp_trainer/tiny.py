@@ -43,12 +43,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def build_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer built offline: all 256 byte symbols plus whole-word merges for `_WORDS`."""
+def build_tokenizer(words: tuple[str, ...] | list[str] = _WORDS, max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer built offline: all 256 byte symbols plus whole-word merges for `words`."""
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars]
     merges: list[str] = []
-    for word in sorted(_WORDS, key=len, reverse=True):  # longest first: prefixes merge before short words
+    for word in sorted(words, key=len, reverse=True):  # longest first: prefixes merge before short words
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         merged = symbols[0]
         for sym in symbols[1:]:
@@ -60,7 +60,7 @@ def build_tokenizer() -> CLIPTokenizer:
     vocab = list(dict.fromkeys(vocab))
     return CLIPTokenizer(
         vocab={tok: i for i, tok in enumerate(vocab)}, merges=[tuple(m.split(" ")) for m in merges],
-        pad_token="<|endoftext|>", model_max_length=77,
+        pad_token="<|endoftext|>", model_max_length=max_length,
     )
 
 
