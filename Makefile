@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench quality world-base judge clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,13 +14,25 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/palp-sweep recipes/smoke.yaml
+	$(BIN)/palp-sweep recipes/world_demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_bench.py --tiny
+
+# the committed world base and judge are what these write; rerunning continues from runs/world-pretrain
+world-base: $(STAMP)
+	$(BIN)/python -m palp_trainer.world_base palp_trainer/assets/world --work runs/world-pretrain
+
+judge: $(STAMP)
+	$(BIN)/python -m palp_trainer.judge palp_trainer/assets/judge.safetensors
+
+quality: $(STAMP)
+	$(BIN)/python benchmarks/quality_bench.py judge
+	$(BIN)/python benchmarks/quality_bench.py base
+	$(BIN)/python benchmarks/quality_bench.py table2
 
 clean:
 	rm -rf $(VENV) runs

@@ -5,8 +5,8 @@ One command, fixed seeds, resumable (rerun it: each stage continues from its fil
 
     python -m palp_trainer.world_base palp_trainer/assets/world --work runs/world-pretrain
 
-Stages: render a pool of seen-attribute images -> train the VAE -> cache latents -> train the text
-encoder and UNet together (caption dropout for CFG, EMA weights) -> write a diffusers directory.
+Stages: render a pool of seen-attribute images -> train the VAE (on renders of every attribute: it is the
+image codec) -> cache latents -> train the text encoder and UNet together (caption dropout for CFG, EMA weights) -> write a diffusers directory.
 About 45 minutes on 2 CPU cores; minutes on a GPU.
 """
 
@@ -197,7 +197,10 @@ def pretrain(out_dir: Path, work: Path, pool_size: int, vae_steps: int, steps: i
     if (vae_dir / "config.json").exists():
         parts["vae"] = AutoencoderKL.from_pretrained(vae_dir)
     else:
-        train_vae(parts["vae"], pixels, vae_steps)
+        # the VAE is the world's image codec, like SD's (trained on far more than any concept the UNet knows):
+        # it sees every attribute, novel ones included, so it can draw what a personalized model asks for
+        codec_images, _ = render_pool(pool_size, SEED + 2, pool=None)
+        train_vae(parts["vae"], to_pixels(codec_images), vae_steps)
         parts["vae"].save_pretrained(vae_dir)
     vae = parts["vae"].eval().requires_grad_(False)
     latent_file = work / "latents.pt"
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/world-pretrain"),
                         help="pool, VAE, latents and checkpoints; rerunning continues from here")
     parser.add_argument("--pool", type=int, default=16000, help="rendered training images")
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=7000, help="text encoder + UNet steps at batch 32")
     args = parser.parse_args(argv)
     print(pretrain(args.out_dir, args.work, args.pool, args.vae_steps, args.steps))

@@ -7,7 +7,8 @@ import pytest
 import yaml
 from ray.tune.search.sample import Categorical, Float
 
-from orchestrator.recipe import TINY_RESOLUTION, Recipe, RecipeError, TrainDefaults
+from orchestrator.recipe import Recipe, RecipeError, TrainDefaults
+from palp_trainer.config import TINY_RESOLUTION
 from orchestrator.recipe_yaml import apply_override, load_recipe
 from orchestrator.search_space import expand_trials, param_space, train_config
 from palp_trainer.config import TrainConfig
