@@ -3,6 +3,7 @@ PALP's Table 2 (text alignment vs subject fidelity against the TI+DB baseline), 
 
     python benchmarks/quality_bench.py judge            # judge accuracy per attribute: clean / VAE / blur / noise
     python benchmarks/quality_bench.py base             # the world base on held-out and seen combinations
+    python benchmarks/quality_bench.py grid             # the dev pair over α × λ: where PALP's settings come from
     python benchmarks/quality_bench.py table2           # PALP vs TI+DB (+ SDS, NFSD on a subset), with 95 % CIs
 
 Each writes benchmarks/results/quality-<what>.json and prints markdown; table2 also writes a sample grid
@@ -10,12 +11,14 @@ and the overfitting diagnostic (x̂0 from pure noise, Sec. 4.3 / Fig. 5) as PNGs
 """
 
 import argparse
+import itertools
 import json
 import platform
 import sys
 import tempfile
 import time
 from datetime import date
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -185,67 +188,115 @@ def x0_from_noise(base, prompt: str, guidance: float, seeds: tuple[int, ...]) ->
     return images
 
 
-def bench_table2(args) -> dict:
-    rng = np.random.default_rng(0)
-    runs = []
-    plan = [(s, p, a, seed) for s in SUBJECTS for p in PROMPTS for a in ("palp", "none") for seed in range(args.seeds)]
-    plan += [("moon", p, a, seed) for p in PROMPTS for a in ("sds", "nfsd") for seed in range(args.seeds)]
-    grid_images, grid_labels, diag_images, diag_labels = [], [], [], []
-    judge = WorldJudge()
+def _train_run(job) -> dict:
+    """One training run (a pool worker, one thread): its judge scores, 4 sample tiles, x̂0-from-noise tiles."""
+    i, subject, prompt, alignment, seed, args, tmp = job
+    torch.set_num_threads(1)
+    config = train_config(subject, prompt, alignment, seed, Path(tmp) / str(i), args)
+    base = load_base("world")
+    m = train_loop(config, base)
+    row = {"subject": subject, "prompt": prompt, "alignment": alignment, "seed": seed, "alpha": args.alpha,
+           "align_weight": args.align_weight, "steps": args.steps, "train_seconds": m["train_seconds"],
+           **{k: m[k] for k in m if k.startswith("judge_") or k == "composite"}}
+    tiles = _split(Image.open(m["samples"]).convert("RGB"), args.images)[:4]
+    diag = x0_from_noise(base, prompt, args.guidance, (0, 1, 2, 3)) if subject == "moon" else []
+    return {"row": row, "tiles": tiles, "diag": diag}
+
+
+def _run_all(jobs: list, workers: int) -> list[dict]:
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (subject, prompt, alignment, seed) in enumerate(plan):
-            config = train_config(subject, prompt, alignment, seed, Path(tmp) / str(i), args)
-            base = load_base("world")
-            m = train_loop(config, base)
-            runs.append({"subject": subject, "prompt": prompt, "alignment": alignment, "seed": seed,
-                         **{k: m[k] for k in m if k.startswith("judge_") or k == "composite"}})
-            print(f"[{i + 1}/{len(plan)} {time.perf_counter() - started:.0f}s] {subject:<6} {alignment:<5} s{seed} "
-                  f"{prompt:<34} text {m['judge_text']:.3f} subject {m['judge_subject']:.3f} "
-                  f"success {m['judge_success']:.2f}", flush=True)
-            if seed == 0 and prompt == PROMPTS[0]:
-                grid_images += _split(Image.open(m["samples"]).convert("RGB"), args.images)[:4]
-                grid_labels.append(f"{alignment}: {replace_placeholders(prompt, {'[V1]': subject})}")
-                if subject == "moon":
-                    diag_images += x0_from_noise(base, prompt, args.guidance, (0, 1, 2, 3))
-                    diag_labels.append(f"{alignment}: x0 from noise")
-        # the reference row (Fig. 6): the base prompted with the class word, scored against each subject
-        for subject, (token, cls) in SUBJECTS.items():
-            base = load_base("world")
-            pipe = pipeline_from(base, "ddim")
-            refs = [[Image.open(f).convert("RGB") for f in subject_spec(subject, token, cls).images]]
-            for prompt in PROMPTS:
-                clean = replace_placeholders(prompt, {token: cls})
-                for seed in range(args.seeds):
-                    seeds = tuple(range(100 + 1000 * seed, 100 + 1000 * seed + args.images))
-                    images = generate(pipe, clean, seeds, args.sample_steps, args.guidance, args.images, world.RESOLUTION)
-                    s = judge.score(images, prompt, [(token, cls)], refs)
-                    runs.append({"subject": subject, "prompt": prompt, "alignment": "base (class word)", "seed": seed,
-                                 **{k: v for k, v in s.items() if k.startswith("judge_") or k == "composite"}})
-                    if subject == "moon" and prompt == PROMPTS[0] and seed == 0:
-                        grid_images += images[:4]
-                        grid_labels.append(f"base: {clean}")
-                        diag_images += x0_from_noise(base, clean, args.guidance, (0, 1, 2, 3))
-                        diag_labels.append("base (class word): x0 from noise")
-    _grid(grid_images, grid_labels, 4, RESULTS / "quality-table2-samples.png")
-    _grid(diag_images, diag_labels, 4, RESULTS / "quality-x0-from-noise.png")
+    out = []
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:  # no fork of an OpenMP parent
+        for k, r in enumerate(pool.imap(_train_run, jobs)):
+            row = r["row"]
+            print(f"[{k + 1}/{len(jobs)} {time.perf_counter() - started:.0f}s] {row['subject']:<6} {row['alignment']:<5} "
+                  f"α {row['alpha']:g} λ {row['align_weight']:g} s{row['seed']} {row['prompt']:<34} "
+                  f"text {row['judge_text']:.3f} subject {row['judge_subject']:.3f} success {row['judge_success']:.2f}",
+                  flush=True)
+            out.append(r)
+    return out
+
+
+def _summary(runs: list[dict], methods: list[str], rng) -> tuple[dict, dict]:
+    keys = ("judge_text", "judge_subject", "judge_success")
     table = {}
-    for method in ("palp", "none", "sds", "nfsd", "base (class word)"):
+    for method in methods:
         rows = [r for r in runs if r["alignment"] == method]
         if rows:
-            table[method] = {k: _ci([r[k] for r in rows], rng) for k in ("judge_text", "judge_subject", "judge_success")}
+            table[method] = {k: _ci([r[k] for r in rows], rng) for k in keys}
             table[method]["runs"] = len(rows)
     # paired: PALP minus TI+DB on the same (subject, prompt, seed)
     key = lambda r: (r["subject"], r["prompt"], r["seed"])  # noqa: E731
     none = {key(r): r for r in runs if r["alignment"] == "none"}
-    paired = {k: _ci([r[k] - none[key(r)][k] for r in runs if r["alignment"] == "palp"], rng)
-              for k in ("judge_text", "judge_subject", "judge_success")}
+    paired = {k: _ci([r[k] - none[key(r)][k] for r in runs if r["alignment"] == "palp" and key(r) in none], rng)
+              for k in keys}
     print("\n| method | runs | text alignment | subject fidelity | success (all attributes) |\n|---|---|---|---|---|")
     for method, t in table.items():
         print(f"| {method} | {t['runs']} | " + " | ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
                                                           (t["judge_text"], t["judge_subject"], t["judge_success"])) + " |")
     print("| PALP − TI+DB (paired) | | " + " | ".join(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in
                                                       paired.values()) + " |")
+    return table, paired
+
+
+def bench_grid(args) -> dict:
+    """The dev pair (moon, the first prompt) over α × λ, beside TI+DB: where PALP's settings were chosen."""
+    jobs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            jobs.append((len(jobs), "moon", PROMPTS[0], "none", seed, args, tmp))
+            for alpha, lam in itertools.product(args.grid_alpha, args.grid_lambda):
+                jobs.append((len(jobs), "moon", PROMPTS[0], "palp", seed,
+                             argparse.Namespace(**{**vars(args), "alpha": alpha, "align_weight": lam}), tmp))
+        results = _run_all(jobs, args.workers)
+    runs = [r["row"] for r in results]
+    print("\n| arm | α | λ | text alignment | subject fidelity | success |\n|---|---|---|---|---|---|")
+    settings = sorted({(r["alignment"], r["alpha"] if r["alignment"] != "none" else 0, r["align_weight"]
+                        if r["alignment"] != "none" else 0) for r in runs})
+    for arm, alpha, lam in settings:
+        rows = [r for r in runs if r["alignment"] == arm and (arm == "none" or (r["alpha"], r["align_weight"]) == (alpha, lam))]
+        print(f"| {arm} | {alpha:g} | {lam:g} | " + " | ".join(
+            f"{np.mean([r[k] for r in rows]):.3f}" for k in ("judge_text", "judge_subject", "judge_success")) + " |")
+    return {"settings": {k: v for k, v in vars(args).items() if k != "what"}, "runs": runs}
+
+
+def bench_table2(args) -> dict:
+    rng = np.random.default_rng(0)
+    plan = [(s, p, a, seed) for s in SUBJECTS for p in PROMPTS for a in ("palp", "none") for seed in range(args.seeds)]
+    plan += [("moon", p, a, seed) for p in PROMPTS for a in ("sds", "nfsd") for seed in range(args.seeds)]
+    grid_images, grid_labels, diag_images, diag_labels = [], [], [], []
+    judge = WorldJudge()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = _run_all([(i, *entry, args, tmp) for i, entry in enumerate(plan)], args.workers)
+    runs = [r["row"] for r in results]
+    for r in results:
+        row = r["row"]
+        if row["seed"] == 0 and row["prompt"] == PROMPTS[0] and row["subject"] == "moon":
+            grid_images += r["tiles"]
+            grid_labels.append(f"{row['alignment']}: {replace_placeholders(row['prompt'], {'[V1]': 'moon'})}")
+            diag_images += r["diag"]
+            diag_labels.append(f"{row['alignment']}: x0 from noise")
+    # the reference row (Fig. 6): the base prompted with the class word, scored against each subject
+    for subject, (token, cls) in SUBJECTS.items():
+        base = load_base("world")
+        pipe = pipeline_from(base, "ddim")
+        refs = [[Image.open(f).convert("RGB") for f in subject_spec(subject, token, cls).images]]
+        for prompt in PROMPTS:
+            clean = replace_placeholders(prompt, {token: cls})
+            for seed in range(args.seeds):
+                seeds = tuple(range(100 + 1000 * seed, 100 + 1000 * seed + args.images))
+                images = generate(pipe, clean, seeds, args.sample_steps, args.guidance, args.images, world.RESOLUTION)
+                s = judge.score(images, prompt, [(token, cls)], refs)
+                runs.append({"subject": subject, "prompt": prompt, "alignment": "base (class word)", "seed": seed,
+                             **{k: v for k, v in s.items() if k.startswith("judge_") or k == "composite"}})
+                if subject == "moon" and prompt == PROMPTS[0] and seed == 0:
+                    grid_images += images[:4]
+                    grid_labels.append(f"base: {clean}")
+                    diag_images += x0_from_noise(base, clean, args.guidance, (0, 1, 2, 3))
+                    diag_labels.append("base (class word): x0 from noise")
+    _grid(grid_images, grid_labels, 4, RESULTS / "quality-table2-samples.png")
+    _grid(diag_images, diag_labels, 4, RESULTS / "quality-x0-from-noise.png")
+    table, paired = _summary(runs, ["palp", "none", "sds", "nfsd", "base (class word)"], rng)
     return {"settings": {k: v for k, v in vars(args).items() if k != "what"}, "table": table, "paired": paired,
             "runs": runs}
 
@@ -259,15 +310,18 @@ def _split(grid: Image.Image, n: int) -> list[Image.Image]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("judge", "base", "table2"))
+    parser.add_argument("what", choices=("judge", "base", "grid", "table2"))
+    parser.add_argument("--workers", type=int, default=2, help="grid, table2: training runs at once (1 thread each)")
+    parser.add_argument("--grid-alpha", type=float, nargs="+", default=[2.0, 5.0])
+    parser.add_argument("--grid-lambda", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     parser.add_argument("--n", type=int, default=3000, help="judge: validation renders")
     parser.add_argument("--seeds", type=int, default=2, help="base: per combination; table2: training seeds")
     parser.add_argument("--images", type=int, default=8, help="table2: samples scored per run")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument("--steps", type=int, default=200, help="table2: training steps per run")
+    parser.add_argument("--steps", type=int, default=300, help="grid, table2: training steps per run")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--embedding-lr", type=float, default=5e-3)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=5.0)
@@ -278,6 +332,8 @@ def main(argv=None) -> int:
         result = bench_judge(args.n)
     elif args.what == "base":
         result = bench_base(args.seeds, args.guidance, args.sample_steps)
+    elif args.what == "grid":
+        result = bench_grid(args)
     else:
         result = bench_table2(args)
     print(_write(args.what, result))

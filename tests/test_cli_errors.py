@@ -89,6 +89,7 @@ CASES = [
     ("eval.num_images", 0, "eval.num_images: must be >= 1"),
     ("eval.cuda_graphs", True, "eval.cuda_graphs: needs GPU workers"),
     ("eval.sampler", "euler", "eval.sampler: must be one of"),
+    ("eval.scorer", "dino", "eval.scorer: must be one of"),
     ("eval.elements", ["a"], "eval.elements: set per prompt"),
     ("resources.gpus_per_worker", 1, "resources.gpus_per_worker: set resources.use_gpu: true"),
     ("resources.workers_per_trial", 0, "resources.workers_per_trial: must be >= 1"),

@@ -8,10 +8,9 @@ import yaml
 from ray.tune.search.sample import Categorical, Float
 
 from orchestrator.recipe import Recipe, RecipeError, TrainDefaults
-from palp_trainer.config import TINY_RESOLUTION
 from orchestrator.recipe_yaml import apply_override, load_recipe
 from orchestrator.search_space import expand_trials, param_space, train_config
-from palp_trainer.config import TrainConfig
+from palp_trainer.config import TINY_RESOLUTION, TrainConfig
 from tests.conftest import write_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +31,19 @@ def test_shipped_recipe_loads(path):
 
 def test_shipped_recipes_exist():
     assert {p.name for p in RECIPES} >= {"smoke.yaml", "single_subject.yaml", "single_shot.yaml",
-                                         "multi_subject.yaml", "art_inspired.yaml", "paper_table2.yaml"}
+                                         "multi_subject.yaml", "art_inspired.yaml", "paper_table2.yaml",
+                                         "world_demo.yaml", "world_single_subject.yaml", "world_multi_subject.yaml",
+                                         "world_art_inspired.yaml", "world_table2.yaml"}
+
+
+def test_world_recipes_score_with_the_judge_on_the_world_base():
+    for path in RECIPES:
+        recipe = load_recipe(path)
+        world = recipe.base_model == "world"
+        assert (recipe.eval.scorer == "world") == world, path.name
+        assert recipe.eval.metric_names == (("judge_text", "judge_subject") if world else ("clip_t", "clip_i"))
+        if world:  # orientation is part of an arrow's or a moon's identity: no flipped references
+            assert (recipe.resolution, recipe.precision, recipe.train.flip) == (32, "fp32", False), path.name
 
 
 def test_train_defaults_are_trainconfig_defaults():
@@ -66,9 +77,14 @@ def test_defaults_and_derived_fields(tmp_path):
     assert r.prompts[0].slug == "a-sketch-of-v1"
     assert r.search.steps == (500,) and r.scheduler.type == "asha" and r.resources.gpus_per_worker == 0
     assert r.eval.clip_model == "openai/clip-vit-base-patch32"
+    assert r.eval.scorer == "clip"
     r = load_recipe(write_recipe(tmp_path, base_model="some/model", train={"allow_upscale": True}))
     assert len(r.subjects) == 1
     assert (r.resolution, r.precision) == (512, "bf16")
+    r = load_recipe(write_recipe(tmp_path, base_model="world"))
+    assert (r.resolution, r.precision, r.eval.scorer) == (32, "fp32", "world")
+    r = load_recipe(write_recipe(tmp_path, base_model="world", eval={"scorer": "clip", "clip_model": "tiny"}))
+    assert r.eval.scorer == "clip"  # an explicit scorer is kept
 
 
 def test_clean_prompt_from_class_words(tmp_path):

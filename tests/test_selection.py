@@ -57,6 +57,14 @@ def test_plot_pareto_writes_a_png(tmp_path):
     assert_png(path)
 
 
+def test_plot_pareto_reads_the_scorers_metrics(tmp_path):
+    rows = [{"trial_id": "t0", "judge_text": 0.9, "judge_subject": 0.4, "alignment": "palp"},
+            {"trial_id": "t1", "judge_text": 0.6, "judge_subject": 0.9, "alignment": "none"}]
+    assert_png(plot_pareto(rows, tmp_path / "pareto.png", "moon / sketch", "judge_text", "judge_subject"))
+    with pytest.raises(KeyError, match="clip"):  # no CLIP keys are read unless asked for
+        plot_pareto(rows, tmp_path / "clip.png", "moon / sketch")
+
+
 def test_plot_pareto_with_no_scored_trial(tmp_path):
     rows = [{"trial_id": "failed", "clip_t": NAN, "clip_i": NAN, "alignment": "none"}]
     assert_png(plot_pareto(rows, str(tmp_path / "pareto.png"), "empty"))
