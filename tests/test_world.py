@@ -123,3 +123,4 @@ def test_world_base_loads_like_any_diffusers_model():
     assert base.tokenizer("a sketch of a red star on grass").input_ids == \
         pipe.tokenizer("a sketch of a red star on grass").input_ids
     assert sum(f.stat().st_size for f in WORLD_DIR.rglob("*") if f.is_file()) < 20e6  # small enough to commit
+
