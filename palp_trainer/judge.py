@@ -159,7 +159,7 @@ class WorldJudge:
               weight_text: float = 1.0, weight_image: float = 1.0) -> dict:
         """`prompt` may hold placeholders; `subjects[k]` = (token, class word) with reference images `references[k]`."""
         from .scoring import composite
-        if not images:
+        if len(images) == 0:
             raise ValueError("score: no images to score")
         p = self.probs(images)
         named, identity = parse_prompt(prompt, subjects, [self.subject_of(r) for r in references])

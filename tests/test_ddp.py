@@ -36,6 +36,8 @@ def test_two_workers_equal_one_worker_at_double_batch(local_ray, subject_images,
     assert lora_1.keys() == lora_2.keys()
     moved = max((lora_1[k] - 0).abs().max().item() for k in lora_1 if ".up." in k)
     assert moved > 1e-3  # training really moved the LoRA away from its zero init
+    # atol 1e-5: gloo's allreduce sums in another order than one batch does (seen: 2.8e-6 on 1 of 128 entries
+    # with the 2026-11-28 installs); a wrong slice or a missing sync moves entries by ~lr = 1e-2 per step
     for k in lora_1:
-        torch.testing.assert_close(lora_2[k], lora_1[k], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(emb_2, emb_1, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(lora_2[k], lora_1[k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(emb_2, emb_1, rtol=1e-4, atol=1e-5)
