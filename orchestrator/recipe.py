@@ -340,7 +340,8 @@ class Recipe:
         if self.precision is None:
             object.__setattr__(self, "precision", "fp32" if small else "bf16")
         if self.eval.scorer is None:
-            object.__setattr__(self, "eval", replace(self.eval, scorer="world" if self.base_model == "world" else "clip"))
+            scorer = "world" if self.base_model == "world" else "clip"
+            object.__setattr__(self, "eval", replace(self.eval, scorer=scorer))
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise RecipeError(f"name: use letters, digits, '.', - and _ only (it names the sweep), got {self.name!r}")
         if self.resolution < 8 or self.resolution % 8:

@@ -18,6 +18,7 @@ from .selection import pareto_front, plot_curves, plot_pareto
 from .tracking import Tracking, preflight, resolve_tracking_uri, start_sweep
 from .trial import is_remote, run_trial
 
+
 def score_keys(recipe: Recipe) -> tuple[str, str, str]:
     """(text alignment, subject fidelity, composite): the recipe's scorer names the first two."""
     return (*recipe.eval.metric_names, "composite")

@@ -2,18 +2,17 @@
 
 from dataclasses import asdict, dataclass
 
-TINY_RESOLUTION = 32  # px of the built-in tiny model (its VAE downsamples 2x: latents [4, 16, 16])
-WORLD_RESOLUTION = 32  # px of the pretrained world base (palp_trainer/world.py), latents [4, 16, 16] too
+TINY_RESOLUTION = 32  # px of the built-in tiny and world bases (their VAEs downsample 2x: latents [4, 16, 16])
 SMALL_BASES = ("tiny", "world")  # built-in CPU-sized bases: 32 px, fp32 by default
 SCORERS = ("clip", "world")
+ALIGNMENTS = ("palp", "sds", "nfsd", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SAMPLERS = ("ddim", "dpm")
 
 
 def default_resolution(base_model: str) -> int:
     """What `resolution: null` means: the small built-in bases' 32 px, else SD-1.x's 512."""
     return TINY_RESOLUTION if base_model in SMALL_BASES else 512
-ALIGNMENTS = ("palp", "sds", "nfsd", "none")
-PRECISIONS = ("fp32", "bf16", "fp16")
-SAMPLERS = ("ddim", "dpm")
 
 
 @dataclass(frozen=True)

@@ -104,15 +104,19 @@ def graphed_unet(unet: nn.Module, warmup: int = 2):
         del unet.forward
 
 
-@functools.lru_cache(maxsize=2)
 def scorer_for(ev: EvalConfig, device: str):
-    """The eval's scorer, loaded once per process and reused at every milestone: CLIP (+ DINO) or the
-    world's oracle judge."""
-    if ev.scorer == "world":
+    """The eval's scorer: CLIP (+ DINO) or the world's oracle judge."""
+    return _load_scorer(ev.scorer, ev.clip_model, ev.dino_model, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_scorer(scorer: str | None, clip_model: str, dino_model: str | None, device: str):
+    """Loaded once per process (keyed on the checkpoints, not the whole eval config) and reused at every milestone."""
+    if scorer == "world":
         from .judge import WorldJudge
         return WorldJudge()
     from .scoring import Scorer
-    return Scorer(clip_model=ev.clip_model, dino_model=ev.dino_model, device=torch.device(device))
+    return Scorer(clip_model=clip_model, dino_model=dino_model, device=torch.device(device))
 
 
 def score_images(ev: EvalConfig, scorer, config: TrainConfig, images: list[Image.Image],

@@ -87,11 +87,11 @@ def labels(attrs: list[world.Attrs]) -> dict[str, torch.Tensor]:
 
 def train(out: Path, n: int = 24000, steps: int = 2000, batch: int = 64, seed: int = 7) -> JudgeNet:
     """Fit on `n` renders drawn uniformly over every attribute (novel ones too), degraded at random."""
-    from .world_base import render_pool, to_pixels
+    from .world_base import render_pool
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     images, attrs = render_pool(n, seed, pool=None)
-    x_all, y_all = (to_pixels(images) + 1) / 2, labels(attrs)
+    x_all, y_all = _as_tensor(images), labels(attrs)
     print(f"judge: {n} renders in {time.perf_counter() - t0:.0f}s", flush=True)
     net = JudgeNet()
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -131,8 +131,6 @@ def _as_tensor(images) -> torch.Tensor:
 
 class WorldJudge:
     """Scores samples of the world by attribute; `clip_t`/`clip_i`'s counterpart for the world base."""
-
-    text_metric, subject_metric = "judge_text", "judge_subject"
 
     def __init__(self, weights: str | Path = DEFAULT_WEIGHTS):
         self.net = load(weights)
@@ -189,10 +187,11 @@ def parse_prompt(prompt: str, subjects: list[tuple[str, str]], features: list[wo
     "a sketch of a [V1] on grass" with [V1] a yellow moon -> ({style: sketch, background: grass},
     [(shape, moon), (colour, yellow)]); a style subject ("a [V2] of a [V1]", [V2]'s class word "painting")
     names its style; a scene subject names its background."""
+    from .scoring import _placeholder_pattern  # one rule for finding placeholders (longest first, word edges)
     named: dict[str, str] = {}
     tokens = {token: (cls, f) for (token, cls), f in zip(subjects, features)}
-    pattern = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
-    words = re.findall(rf"{pattern}|[A-Za-z]+" if pattern else r"[A-Za-z]+", prompt)
+    pattern = f"{_placeholder_pattern(tokens).pattern}|" if tokens else ""
+    words = re.findall(rf"{pattern}[A-Za-z]+", prompt)
     identity, seen = [], []
     for word in words:
         if word in tokens:
