@@ -3,7 +3,7 @@
 It is trained on rendered ground truth only (every attribute, the novel ones included), with generic
 degradations (blur, noise, down-up sampling, tone jitter); it never sees the diffusion model or its VAE.
 Its validation (per attribute, on clean renders, on renders passed through the base's VAE and back, and on
-degraded ones) is in benchmarks/QUALITY.md. Train it (about 3 minutes on 2 cores):
+degraded ones) is in benchmarks/QUALITY.md. Train it (about 10 minutes on 2 cores):
 
     python -m palp_trainer.judge palp_trainer/assets/judge.safetensors
 

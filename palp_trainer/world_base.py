@@ -7,7 +7,7 @@ One command, fixed seeds, resumable (rerun it: each stage continues from its fil
 
 Stages: render a pool of seen-attribute images -> train the VAE (on renders of every attribute: it is the
 image codec) -> cache latents -> train the text encoder and UNet together (caption dropout for CFG, EMA weights) -> write a diffusers directory.
-About 45 minutes on 2 CPU cores; minutes on a GPU.
+About 50 minutes on 2 CPU cores (47 measured); minutes on a GPU.
 """
 
 import argparse
