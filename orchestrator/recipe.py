@@ -202,7 +202,9 @@ class Resources:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 when use_gpu, else 0
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs fit
-    max_failures: int = 0  # Ray Train restarts of a trial's worker group (from its last checkpoint)
+    # Ray Train restarts of a trial's worker group after a worker or node dies, from its last checkpoint; a
+    # deterministic error (divergence, out of memory) is retried as often before the trial fails
+    max_failures: int = 2
     checkpoints_to_keep: int | None = 2  # per trial; None keeps all
 
     def __post_init__(self):
@@ -368,6 +370,12 @@ class Recipe:
                                   "use it in a prompt or remove the subject")
         if self.eval.cuda_graphs and not self.resources.use_gpu:
             raise RecipeError("eval.cuda_graphs: needs GPU workers; set resources.use_gpu: true or drop it")
+        scores = self.eval.score_names
+        for where, metric in (("scheduler.metric", self.scheduler.metric),
+                              ("mlflow.champion_metric", self.mlflow.champion_metric)):
+            if metric is not None and metric not in scores:
+                raise RecipeError(f"{where}: {metric!r} is not a score of eval.scorer {self.eval.scorer!r}; "
+                                  f"choose from {', '.join(scores)}")
         if self.scheduler.type == "asha" and self.scheduler.grace_period > len(self.search.steps):
             raise RecipeError(f"scheduler.grace_period: {self.scheduler.grace_period} milestones, but search.steps "
                               f"has only {len(self.search.steps)}")

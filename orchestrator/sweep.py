@@ -3,7 +3,7 @@
 import json
 import math
 import os
-import re
+import sys
 from pathlib import Path
 
 import ray
@@ -15,8 +15,11 @@ from .recipe import Recipe, RecipeError
 from .registry import register_best
 from .search_space import param_space
 from .selection import pareto_front, plot_curves, plot_pareto
-from .tracking import Tracking, preflight, resolve_tracking_uri, start_sweep
+from .tracking import (ERROR_TAG, STOPPED_TAG, Tracking, close_open_children, end_run, mask, preflight, reason,
+                       resolve_tracking_uri, start_sweep)
 from .trial import is_remote, run_trial
+
+INTERRUPTED = 130  # the shell's code for a Ctrl-C'd command
 
 
 def score_keys(recipe: Recipe) -> tuple[str, str, str]:
@@ -27,6 +30,21 @@ def score_keys(recipe: Recipe) -> tuple[str, str, str]:
 def in_job_working_dir() -> bool:
     """True under `ray job submit --working-dir`: the CWD is a temporary copy Ray deletes."""
     return "runtime_resources" in os.getcwd()
+
+
+def check_storage(storage: str) -> None:
+    """Fail in one line, before Ray starts, on a storage path the sweep could not write."""
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(storage if is_remote(storage) else Path(storage).as_uri())
+        fs.create_dir(path, recursive=True)
+        probe = f"{path}/.palp-sweep-write-test"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"storage_path: cannot write to {mask(storage)}: {' '.join(str(e).split())}") from None
 
 
 def resolve_storage(storage_path: str) -> str:
@@ -63,8 +81,9 @@ def scheduler(recipe: Recipe):
     if s.type == "fifo":
         return FIFOScheduler()
     # rungs at milestones: time is the training step, grace is the grace_period-th milestone
+    # stop_last_trials=False: a trial at its last milestone ends by itself, after its final evaluation and export
     return ASHAScheduler(time_attr="step", max_t=steps[-1], grace_period=steps[min(s.grace_period, len(steps)) - 1],
-                         reduction_factor=s.reduction_factor)
+                         reduction_factor=s.reduction_factor, stop_last_trials=False)
 
 
 def build_tuner(recipe: Recipe, storage: str, resume: bool, tracking: Tracking) -> tune.Tuner:
@@ -73,8 +92,6 @@ def build_tuner(recipe: Recipe, storage: str, resume: bool, tracking: Tracking) 
         {"cpu": 0.01})  # the trial actor only waits on its TorchTrainer: next to no CPU
     experiment = os.path.join(storage, recipe.name)
     if resume:
-        if not tune.Tuner.can_restore(experiment):
-            raise RecipeError(f"--resume: no sweep to resume at {experiment}")
         return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,
@@ -98,10 +115,9 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
         row = {"trial_id": m.get("trial_id", Path(result.path).name), "pair": result.config["pair"],
                "hparams": {k: v for k, v in result.config.items() if k != "pair"},
                "alignment": result.config.get("alignment", recipe.train.alignment),
-               "step": m.get("step"), "error": _reason(result.error) if result.error else None,
+               "step": m.get("step"), "error": reason(result.error) if result.error else None,
                "adapter": m.get("checkpoint_path"), "best_method": m.get("best_method"),
-               **{k: m.get(k, float("nan")) for k in keys},
-               metric: m.get(metric, float("nan"))}
+               **{k: m.get(k, float("nan")) for k in (*keys, metric, recipe.mlflow.champion_metric or metric)}}
         df = result.metrics_dataframe
         history = [] if df is None or "step" not in df else [
             {k: float(r[k]) for k in ("step", *keys) if k in df and not _nan(r[k])}
@@ -110,7 +126,8 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
     summary, failed = {}, []
     for pair, trials in pairs.items():
         rows = [r for r, _ in trials]
-        ok = [r for r in rows if r["error"] is None and not _nan(r[metric])]
+        # registrable: trials that ran to the last step (an early-stopped trial has no final adapter)
+        ok = [r for r in rows if r["error"] is None and r["step"] == max(recipe.search.steps) and not _nan(r[metric])]
         for i in pareto_front([(r[text], r[subject]) for r in rows]):
             rows[i]["pareto"] = True
         best = max(ok, key=lambda r: sign * r[metric]) if ok else None
@@ -128,15 +145,34 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
     return summary, failed
 
 
-def mark_stopped(tracking: Tracking, summary: dict, last_step: int) -> None:
-    """Trials ASHA stopped never reach their own `set_terminated`: close their runs as KILLED."""
+def trial_statuses(experiment: str) -> dict[str, str]:
+    """Tune's own record of each trial, as saved before it stopped its actors: TERMINATED (ran to the end or
+    stopped by the scheduler), ERROR, or RUNNING / PENDING / PAUSED (the sweep was interrupted)."""
+    return {t.trial_id: t.status for t in tune.ExperimentAnalysis(experiment).trials}
+
+
+def record_outcomes(tracking: Tracking, summary: dict, statuses: dict[str, str], last_step: int) -> list[str]:
+    """Every trial's run gets its true final state; returns the ids of trials the sweep left unfinished."""
     client = MlflowClient(tracking.uri)
+    unfinished = []
     for s in summary.values():
         for row in s["trials"]:
-            if row["error"] is None and row["step"] is not None and row["step"] < last_step:
-                run_id = tracking.find_run(row["trial_id"])
-                client.set_tag(run_id, "palp.stopped_early_at", str(row["step"]))
-                client.set_terminated(run_id, "KILLED")
+            status, run_id = statuses.get(row["trial_id"]), tracking.find_run(row["trial_id"])
+            if status not in ("TERMINATED", "ERROR"):
+                unfinished.append(row["trial_id"])
+            if run_id is None:
+                continue  # never started
+            if row["error"] is not None or status == "ERROR":
+                why = row["error"] or "error"
+                end_run(client, run_id, "FAILED", f"failed: {why}", **{ERROR_TAG: why})
+            elif status != "TERMINATED":
+                end_run(client, run_id, "KILLED", "interrupted: resume with --resume")
+            elif row["step"] is not None and row["step"] < last_step:
+                end_run(client, run_id, "FINISHED", f"stopped by ASHA at step {row['step']}",
+                        **{STOPPED_TAG: row["step"]})
+            else:
+                end_run(client, run_id, "FINISHED")
+    return unfinished
 
 
 def print_summary(recipe: Recipe, summary: dict) -> None:
@@ -162,37 +198,54 @@ def print_summary(recipe: Recipe, summary: dict) -> None:
 def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = None,
               overrides: tuple[str, ...] = ()) -> int:
     storage = resolve_storage(recipe.storage_path)
+    check_storage(storage)
     uri = resolve_tracking_uri(recipe.mlflow.tracking_uri, storage, in_job=in_job_working_dir())
     preflight(uri, nodes=1)  # unreachable or misconfigured: exit 2 before Ray starts
+    experiment = os.path.join(storage, recipe.name)
+    if resume and not tune.Tuner.can_restore(experiment):
+        raise RecipeError(f"--resume: no sweep to resume at {mask(experiment)}")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     preflight(uri, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
-    tracking = start_sweep(uri, recipe, recipe_path, storage, overrides)
-    print(f"palp-sweep: {recipe.name}: {len(recipe.pair_ids())} pair(s)\n  storage: {storage}\n  mlflow:  {uri}")
-    results = build_tuner(recipe, storage, resume, tracking).fit()
-    report_dir = (Path(storage) if not is_remote(storage) else Path.cwd() / "runs") / recipe.name / "report"
-    summary, failed = summarize(recipe, results, report_dir)
+    tracking = start_sweep(uri, recipe, recipe_path, storage, overrides, resume=resume)
+    print(f"palp-sweep: {recipe.name}: {len(recipe.pair_ids())} pair(s)\n  storage: {mask(storage)}\n"
+          f"  mlflow:  {mask(uri)}")
+    resume_hint = "palp-sweep " + " ".join([recipe_path or "RECIPE", *overrides, "--resume"])
     client = MlflowClient(uri)
-    mark_stopped(tracking, summary, max(recipe.search.steps))
-    client.log_artifacts(tracking.parent_run_id, str(report_dir), "report")
+    try:
+        results = build_tuner(recipe, storage, resume, tracking).fit()  # Ctrl-C: Tune stops and saves state
+        report_dir = (Path(storage) if not is_remote(storage) else Path.cwd() / "runs") / recipe.name / "report"
+        summary, failed = summarize(recipe, results, report_dir)
+        unfinished = record_outcomes(tracking, summary, trial_statuses(experiment), max(recipe.search.steps))
+        client.log_artifacts(tracking.parent_run_id, str(report_dir), "report")
+    except KeyboardInterrupt:  # a second Ctrl-C while Tune was stopping
+        close_open_children(tracking, "KILLED", "interrupted: resume with --resume")
+        end_run(client, tracking.parent_run_id, "KILLED", "interrupted")
+        print(f"\npalp-sweep: interrupted; nothing registered. Resume with: {resume_hint}", file=sys.stderr)
+        return INTERRUPTED
+    except BaseException as e:
+        close_open_children(tracking, "FAILED", f"the sweep failed: {reason(e)}")
+        end_run(client, tracking.parent_run_id, "FAILED", f"failed: {reason(e)}", **{ERROR_TAG: reason(e)})
+        raise
     print_summary(recipe, summary)
-    registered = [register_best(tracking, recipe, pair, s["best"]) for pair, s in summary.items() if s["best"]]
-    client.set_terminated(tracking.parent_run_id, "FAILED" if failed else "FINISHED")
     print(f"\nsummary: {report_dir / 'summary.json'}")
+    if unfinished:
+        end_run(client, tracking.parent_run_id, "KILLED", f"interrupted with {len(unfinished)} trial(s) unfinished")
+        print(f"palp-sweep: interrupted with {len(unfinished)} trial(s) unfinished; nothing registered. "
+              f"Resume with: {resume_hint}", file=sys.stderr)
+        return INTERRUPTED
+    registered = [register_best(tracking, recipe, pair, s["best"]) for pair, s in summary.items() if s["best"]]
+    end_run(client, tracking.parent_run_id, "FAILED" if failed else "FINISHED",
+            ("pairs with no finished trial: " + " | ".join(failed)) if failed else None)
     for r in registered:
-        print(f"registered: models:/{r['name']}/{r['version']}" + ("  (champion)" if r["champion"] else ""))
-    print(f"browse: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"browse: {uri}")
+        print(f"registered: models:/{r['name']}/{r['version']}" + ("  (champion)" if r["champion"] else "")
+              + (f"  ({r['note']})" if r.get("note") else ""))
+    print(f"browse: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"browse: {mask(uri)}")
     if failed:
         print("palp-sweep: pairs with no finished trial: " + " | ".join(failed))
         return 1
     return 0
-
-
-def _reason(error: BaseException) -> str:
-    """The exception line a person needs: the last line of the worker traceback, ANSI colours stripped."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
-    return next((line for line in reversed(lines) if line), type(error).__name__)
 
 
 def _nan(x) -> bool:

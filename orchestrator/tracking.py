@@ -5,7 +5,9 @@ here, and rank 0 of its Ray Train workers only appends metrics and artifacts to 
 """
 
 import hashlib
+import json
 import os
+import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -21,6 +23,8 @@ from .recipe import RecipeError
 
 TRIAL_TAG = "palp.trial_id"
 SWEEP_TAG = "palp.sweep"
+ERROR_TAG = "palp.error"
+STOPPED_TAG = "palp.stopped_early_at"
 CHAMPION = "champion"
 
 
@@ -39,6 +43,17 @@ def resolve_tracking_uri(configured: str | None, storage: str, in_job: bool) -> 
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def mask(uri: str) -> str:
+    """`https://user:secret@host/...` -> `https://user:***@host/...`: URIs get printed and logged, passwords not."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", uri)
+
+
+def reason(error: BaseException) -> str:
+    """The exception line a person needs: the last line of a (worker) traceback, ANSI colours stripped."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    return mask(next((line for line in reversed(lines) if line), type(error).__name__))
+
+
 def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
@@ -46,18 +61,18 @@ def is_local_store(uri: str) -> bool:
 def preflight(uri: str, nodes: int) -> None:
     """Fail fast, with one line, on a tracking URI the trials could not write to."""
     if nodes > 1 and is_local_store(uri):
-        raise TrackingError(f"mlflow.tracking_uri: {uri} is a local store, but the Ray cluster has {nodes} nodes "
+        raise TrackingError(f"mlflow.tracking_uri: {mask(uri)} is a local store, but the Ray cluster has {nodes} nodes "
                             "whose workers cannot write to it; run `mlflow server` and set mlflow.tracking_uri "
                             "(or MLFLOW_TRACKING_URI) to its http:// address")
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
         except (urllib.error.URLError, OSError) as e:
-            raise TrackingError(f"mlflow.tracking_uri: cannot reach {uri}: {getattr(e, 'reason', e)}") from None
+            raise TrackingError(f"mlflow.tracking_uri: cannot reach {mask(uri)}: {getattr(e, 'reason', e)}") from None
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as e:
-        raise TrackingError(f"mlflow.tracking_uri: {uri} is not usable: {str(e).splitlines()[0]}") from None
+        raise TrackingError(f"mlflow.tracking_uri: {mask(uri)} is not usable: {mask(str(e).splitlines()[0])}") from None
 
 
 def versions() -> dict:
@@ -79,6 +94,13 @@ def versions() -> dict:
 def recipe_hash(recipe_path: str | None, overrides: tuple[str, ...] = ()) -> str:
     text = Path(recipe_path).read_bytes() if recipe_path else b""
     return hashlib.sha256(text + "\n".join(overrides).encode()).hexdigest()[:12]
+
+
+def eval_hash(recipe) -> str:
+    """What makes two sweeps' scores comparable: base model, resolution, the evaluation protocol and scorer."""
+    from dataclasses import asdict
+    key = {"base_model": recipe.base_model, "resolution": recipe.resolution, "eval": asdict(recipe.eval)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -110,8 +132,9 @@ class Tracking:
         return run.info.run_id
 
 
-def start_sweep(uri: str, recipe, recipe_path: str | None, storage: str, overrides=()) -> Tracking:
-    """Experiment per recipe name; one parent run per sweep (found again on `--resume`)."""
+def start_sweep(uri: str, recipe, recipe_path: str | None, storage: str, overrides=(), resume: bool = False) -> Tracking:
+    """Experiment per recipe name; a parent run per sweep: a new one for each sweep, the latest one of this
+    recipe and storage path again on `--resume`."""
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     name = recipe.mlflow.experiment or recipe.name
@@ -123,12 +146,15 @@ def start_sweep(uri: str, recipe, recipe_path: str | None, storage: str, overrid
         experiment_id = client.create_experiment(name, artifact_location=artifacts)
     else:
         experiment_id = experiment.experiment_id
-    sweep_key = f"{storage}/{recipe.name}"
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_key}'")
+    sweep_key = mask(f"{storage}/{recipe.name}")
     common = {"base_model": recipe.base_model, "recipe_hash": recipe_hash(recipe_path, tuple(overrides)),
-              "resolution": str(recipe.resolution), "precision": recipe.precision, **versions()}
+              "eval_hash": eval_hash(recipe), "resolution": str(recipe.resolution), "precision": recipe.precision,
+              **versions()}
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_key}'",
+                               order_by=["attributes.start_time DESC"], max_results=1) if resume else []
     if found:
         parent = found[0].info.run_id
+        client.update_run(parent, status="RUNNING")
     else:
         parent = client.create_run(experiment_id, run_name=recipe.name, tags={SWEEP_TAG: sweep_key}).info.run_id
         for key, value in common.items():
@@ -136,3 +162,22 @@ def start_sweep(uri: str, recipe, recipe_path: str | None, storage: str, overrid
         if recipe_path:
             client.log_artifact(parent, recipe_path, "recipe")
     return Tracking(uri, experiment_id, parent, tuple(sorted(common.items())))
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, note: str | None = None, **tags) -> None:
+    """Close a run with a true status; `note` (why it ended so) goes in its description and tags."""
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+    if note:
+        client.set_tag(run_id, "mlflow.note.content", note)
+    client.set_terminated(run_id, status)
+
+
+def close_open_children(tracking: Tracking, status: str, note: str) -> int:
+    """Every child run of this sweep still RUNNING ends with `status`: nothing stays RUNNING."""
+    client = MlflowClient(tracking.uri)
+    runs = client.search_runs([tracking.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{tracking.parent_run_id}' and attributes.status = 'RUNNING'"))
+    for run in runs:
+        end_run(client, run.info.run_id, status, note)
+    return len(runs)

@@ -15,7 +15,7 @@ from palp_trainer.loop import train_loop
 
 from .recipe import Recipe
 from .search_space import train_config
-from .tracking import Tracking
+from .tracking import ERROR_TAG, Tracking, end_run, reason
 
 
 NOT_PARAMS = {"subjects", "eval", "output_dir", "progress", "mlflow_uri", "mlflow_run_id", "resume_from"}
@@ -66,9 +66,11 @@ def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Trackin
             callbacks=[TuneReportCallback()],
         ),
     )
+    # Tune stopping this trial (ASHA, Ctrl-C) ends this actor without running either branch; the driver then
+    # records the run's state (sweep.record_outcomes)
     try:
         trainer.fit()
-    except BaseException:
-        MlflowClient(tracking.uri).set_terminated(run_id, "FAILED")
+    except Exception as e:
+        end_run(MlflowClient(tracking.uri), run_id, "FAILED", f"failed: {reason(e)}", **{ERROR_TAG: reason(e)})
         raise
-    MlflowClient(tracking.uri).set_terminated(run_id, "FINISHED")
+    end_run(MlflowClient(tracking.uri), run_id, "FINISHED")

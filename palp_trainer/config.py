@@ -126,6 +126,14 @@ class EvalConfig:
         return ("judge_text", "judge_subject") if self.scorer == "world" else ("clip_t", "clip_i")
 
     @property
+    def score_names(self) -> tuple[str, ...]:
+        """Every score a milestone evaluation reports: what scheduler.metric and champion_metric may name."""
+        if self.scorer == "world":
+            return ("judge_text", "judge_subject", "judge_success", "composite")
+        return ("clip_t", "clip_i", *(("dino",) if self.dino_model else ()),
+                *(f"clip_t/{e}" for e in self.elements), "composite")
+
+    @property
     def image_seeds(self) -> tuple[int, ...]:
         return self.seeds or tuple(range(self.num_images))
 

@@ -26,6 +26,17 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
+class TrialOutOfMemory(RuntimeError):
+    """The device ran out of memory: one line naming what to lower (the sweep's other trials go on)."""
+
+
+def out_of_memory(config: TrainConfig, where: str) -> TrialOutOfMemory:
+    return TrialOutOfMemory(
+        f"out of memory {where} at batch_size {config.batch_size}, resolution {config.resolution} px, "
+        f"{config.precision}, rank {config.rank}: lower train.batch_size (raise train.grad_accum to keep the "
+        f"effective batch), the resolution or eval.batch_size, or use bf16")
+
+
 def _ray_train():
     """ray.train when this process is a Ray Train worker, else None (single-process run)."""
     try:
@@ -73,11 +84,14 @@ def make_optimizer(config: TrainConfig, lora_params, embedding) -> torch.optim.O
     ], weight_decay=config.weight_decay, fused=embedding.rows.is_cuda)  # one kernel for all params on GPU
 
 
-def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, scaler, generator, config) -> Path:
-    """LoRA + embeddings (as an exported adapter), optimizer, fp16 loss scale, step and every RNG state."""
+def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, scaler, generator, config,
+                    seconds: float = 0.0) -> Path:
+    """LoRA + embeddings (as an exported adapter), optimizer, fp16 loss scale, step, the training time so far
+    and every RNG state. Tensors and plain Python only: it loads with `weights_only=True` (no pickle code)."""
     export_adapter(directory, base.unet, embedding, manifest(config, step))
     torch.save({
         "step": step,
+        "seconds": seconds,
         "lora": {n: p.detach().cpu() for n, p in base.unet.named_parameters() if p.requires_grad},
         "rows": embedding.rows.detach().cpu(),
         "optimizer": optimizer.state_dict(),
@@ -89,8 +103,10 @@ def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, scal
     return directory
 
 
-def load_checkpoint(directory: Path, base, embedding, optimizer, scaler, generator) -> int:
-    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+def load_checkpoint(directory: Path, base, embedding, optimizer, scaler, generator) -> tuple[int, float]:
+    """Restore a checkpoint into the live objects; returns (step, training seconds so far)."""
+    # weights_only: checkpoints come from shared storage (maybe s3://); unpickling them could run code
+    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
     params = dict(base.unet.named_parameters())
     with torch.no_grad():
         for name, value in state["lora"].items():
@@ -103,7 +119,7 @@ def load_checkpoint(directory: Path, base, embedding, optimizer, scaler, generat
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"]
+    return state["step"], state.get("seconds", 0.0)
 
 
 def train_step(task: PalpTask, data, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -162,68 +178,72 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     generator = torch.Generator().manual_seed(config.seed)  # data, t and noise: identical on every rank
 
-    step = 0
+    step, seconds = 0, 0.0
     checkpoint = train.get_checkpoint() if train is not None else None
     if checkpoint is not None:  # a Ray Train retry or a resumed sweep
         with checkpoint.as_directory() as directory:
-            step = load_checkpoint(Path(directory), base, embedding, optimizer, scaler, generator)
+            step, seconds = load_checkpoint(Path(directory), base, embedding, optimizer, scaler, generator)
     elif config.resume_from:
-        step = load_checkpoint(Path(config.resume_from), base, embedding, optimizer, scaler, generator)
+        step, seconds = load_checkpoint(Path(config.resume_from), base, embedding, optimizer, scaler, generator)
 
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and step == 0:
-        (output / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run; a resumed one appends
+    if rank == 0:
+        _keep_metrics_until(output / "metrics.jsonl", step)  # steps redone after a restart are written once
     global_batch = config.batch_size * world
     log = None
     if rank == 0 and config.mlflow_run_id:
         from .runlog import RunLog  # MLflow only where a run was handed in
-        log = RunLog(config.mlflow_uri, config.mlflow_run_id)
+        log = RunLog(config.mlflow_uri, config.mlflow_run_id, resumed=step > 0)
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress or rank != 0, desc="palp")
     metrics: dict = {}
     last_eval: dict = {}
-    started = time.perf_counter()
-    while step < config.steps:
-        logs = train_step(task, data, optimizer, scaler, generator, global_batch, step=step, rank=rank, world=world)
-        step += 1
-        bar.update(1)
-        bar.set_postfix({k.removesuffix("_loss"): f"{v:.4f}" for k, v in logs.items()})
-        metrics = {"step": step, **logs, "loss": sum(logs.values()),
-                   "train_seconds": time.perf_counter() - started}
-        if rank == 0:
-            with open(output / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        if log:
-            log.metrics(step, logs)
-
-        milestone = step in config.report_steps
-        ckpt_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-        if milestone and config.eval is not None and rank == 0:
-            from .evaluate import evaluate_adapter
-            last_eval = evaluate_adapter(config, base, step, output / "samples")
-            if step == config.steps and config.eval.methods:
-                from .evaluate import evaluate_methods
-                last_eval.update(evaluate_methods(config, base, step, output / "samples", last_eval))
+    started = time.perf_counter() - seconds  # training time carries on across restarts
+    try:
+        if train is not None and 0 < config.steps <= step:
+            # resumed after its last step (interrupted during the final evaluation or export): score and
+            # report again, so Tune and MLflow hold this trial's real final scores
+            if config.eval is not None and rank == 0:
+                last_eval = _evaluate(config, base, step, output, log)
+            metrics = {"step": step, **last_eval, "train_seconds": seconds, "time_total_s": seconds}
+            train.report(metrics)
+        while step < config.steps:
+            logs = train_step(task, data, optimizer, scaler, generator, global_batch, step=step, rank=rank,
+                              world=world)
+            step += 1
+            bar.update(1)
+            bar.set_postfix({k.removesuffix("_loss"): f"{v:.4f}" for k, v in logs.items()})
+            metrics = {"step": step, **logs, "loss": sum(logs.values()),
+                       "train_seconds": time.perf_counter() - started}
+            if rank == 0:
+                with open(output / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
             if log:
-                log.metrics(step, last_eval)
-                log.artifact(last_eval["samples"], "samples")
-                log.flush()
-        metrics.update(last_eval)  # between milestones, reports carry the latest scores
-        # Tune needs its metric in every report: before the first evaluation only milestones report.
-        # The rule depends on `step` alone, so every rank makes the same number of report calls.
-        report = train is not None and (
-            milestone or (ckpt_due and (config.eval is None or step > config.report_steps[0])))
-        if report or (train is None and ckpt_due):
-            metrics["time_total_s"] = time.perf_counter() - started
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint_dir = None
-                if rank == 0:
-                    checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, scaler, generator, config)
-                if report:
-                    train.report(metrics, checkpoint=train.Checkpoint.from_directory(checkpoint_dir)
-                                 if checkpoint_dir else None)
-                else:  # standalone, checkpoint_every
-                    shutil.copytree(tmp, output / "checkpoints" / f"step-{step:06d}", dirs_exist_ok=True)
+                log.metrics(step, logs)
+
+            milestone = step in config.report_steps
+            ckpt_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+            if milestone and config.eval is not None and rank == 0:
+                last_eval = _evaluate(config, base, step, output, log)
+            metrics.update(last_eval)  # between milestones, reports carry the latest scores
+            # Tune needs its metric in every report: before the first evaluation only milestones report.
+            # The rule depends on `step` alone, so every rank makes the same number of report calls.
+            report = train is not None and (
+                milestone or (ckpt_due and (config.eval is None or step > config.report_steps[0])))
+            if report or (train is None and ckpt_due):
+                metrics["time_total_s"] = time.perf_counter() - started
+                with tempfile.TemporaryDirectory() as tmp:
+                    checkpoint_dir = None
+                    if rank == 0:
+                        checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, scaler,
+                                                         generator, config, metrics["time_total_s"])
+                    if report:
+                        train.report(metrics, checkpoint=train.Checkpoint.from_directory(checkpoint_dir)
+                                     if checkpoint_dir else None)
+                    else:  # standalone, checkpoint_every
+                        shutil.copytree(tmp, output / "checkpoints" / f"step-{step:06d}", dirs_exist_ok=True)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(config, f"at step {step + 1}") from None
     bar.close()
     metrics["time_total_s"] = time.perf_counter() - started  # training + evaluations, before export
     if rank == 0:
@@ -234,3 +254,23 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
             log.artifacts(output / "adapter", "adapter")
     return metrics
 
+
+def _evaluate(config: TrainConfig, base, step: int, output: Path, log) -> dict:
+    """Milestone sampling and scores (every sampling method at the last step), logged to the trial's run."""
+    from .evaluate import evaluate_adapter, evaluate_methods
+
+    scores = evaluate_adapter(config, base, step, output / "samples")
+    if step == config.steps and config.eval.methods:
+        scores.update(evaluate_methods(config, base, step, output / "samples", scores))
+    if log:
+        log.metrics(step, scores)
+        log.artifact(scores["samples"], "samples")
+        log.flush()
+    return scores
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """metrics.jsonl keeps the lines of steps <= `step` (0: a fresh run starts an empty file)."""
+    lines = path.read_text().splitlines() if step and path.exists() else []
+    kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -1,31 +1,48 @@
 """Rank 0's writes to the trial's MLflow run. The run itself is created by the orchestrator."""
 
+import sys
 import time
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 
 class RunLog:
-    """Buffered metric writes (one batch per flush, not one call per step) plus artifacts."""
+    """Buffered metric writes (one batch per flush, not one call per step) plus artifacts.
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 50):
+    `resumed`: the trial restarted from a checkpoint, so the run may already hold steps that are now redone;
+    a (metric, step) already in the run is not logged again. A flush that cannot reach the tracking server
+    keeps its metrics for the next one; the final flush raises, so nothing is lost without a failed trial."""
+
+    def __init__(self, uri: str, run_id: str, flush_every: int = 50, resumed: bool = False):
         self.client = MlflowClient(uri)
         self.run_id = run_id
         self.flush_every = flush_every
         self.pending: list[Metric] = []
+        self.logged: dict[str, int] = {}  # metric -> last step the run already holds
+        if resumed:
+            for key in self.client.get_run(run_id).data.metrics:
+                self.logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
 
     def metrics(self, step: int, values: dict) -> None:
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in values.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)
+                         and step > self.logged.get(k, 0)]
         if len(self.pending) >= self.flush_every:
-            self.flush()
+            self.flush(final=False)
 
-    def flush(self) -> None:
-        for i in range(0, len(self.pending), 1000):  # MLflow's per-batch limit
-            self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
-        self.pending = []
+    def flush(self, final: bool = True) -> None:
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[:1000])  # MLflow's per-batch limit
+                self.pending = self.pending[1000:]
+        except (MlflowException, OSError) as e:
+            if final:
+                raise
+            print(f"palp: MLflow unreachable, {len(self.pending)} metric values kept for the next flush: "
+                  f"{str(e).splitlines()[0]}", file=sys.stderr)
 
     def artifact(self, path, folder: str) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)

@@ -95,8 +95,12 @@ def test_runs_params_metrics_and_artifacts(sweep):
     [trials] = [s["trials"] for s in summary.values()]
     # ASHA stopped the weaker baseline at the first milestone (its run is marked so in MLflow)
     assert {t["hparams"]["alignment"]: t["step"] for t in trials} == {"palp": 8, "none": 4}
-    status = {c.data.params["alignment"]: client.get_run(c.info.run_id).info.status for c in children}
-    assert status == {"palp": "FINISHED", "none": "KILLED"}
+    # both ran as planned: the baseline's run says where ASHA stopped it, neither looks like a crash
+    ended = {c.data.params["alignment"]: client.get_run(c.info.run_id) for c in children}
+    assert {k: r.info.status for k, r in ended.items()} == {"palp": "FINISHED", "none": "FINISHED"}
+    assert ended["none"].data.tags["palp.stopped_early_at"] == "4" and "palp.stopped_early_at" not in ended["palp"].data.tags
+    assert ended["none"].data.tags["mlflow.note.content"] == "stopped by ASHA at step 4"
+    assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
     finished = [c for c in children if c.data.params["alignment"] == "palp"]
     for method in ("cfg", "pg-0.6", "alignit"):  # every sampling method scored on the finished trial
         assert client.get_metric_history(finished[0].info.run_id, f"method/{method}/composite")
@@ -155,7 +159,19 @@ def test_resume_reruns_nothing_and_adds_no_child_run(sweep):
     after = client.search_runs([experiment.experiment_id])
     assert {r.info.run_id for r in after} == before
     versions = client.search_model_versions("name = 'palp-cat-a-sketch-of-v1'")
-    assert len(versions) == 2  # a new version each sweep; the champion moved only if it was better
+    assert len(versions) == 1  # the resumed sweep's best run is registered already: not again
+    parents = [r for r in after if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.status for p in parents] == ["FINISHED"]
+
+
+def test_a_new_sweep_gets_its_own_parent_run_and_version(sweep):
+    client = MlflowClient(sweep["uri"])
+    assert main([SMOKE, *sweep["overrides"]]) == 0
+    experiment = client.get_experiment_by_name("smoke")
+    parents = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
+    versions = client.search_model_versions("name = 'palp-cat-a-sketch-of-v1'")
+    assert len(versions) == 2 and len({v.run_id for v in versions}) == 2
 
 
 def test_unreachable_tracking_server_exits_2_before_training(tmp_path, capsys):
