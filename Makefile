@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench quality world-base judge clean
+.PHONY: demo test test-faults bench quality world-base judge clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# killed workers, Ctrl-C, a killed driver, divergence, an MLflow outage: docs/faults.md
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m faults
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_bench.py --tiny

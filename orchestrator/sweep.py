@@ -205,7 +205,7 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
     if resume and not tune.Tuner.can_restore(experiment):
         raise RecipeError(f"--resume: no sweep to resume at {mask(experiment)}")
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=True,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     preflight(uri, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
     tracking = start_sweep(uri, recipe, recipe_path, storage, overrides, resume=resume)

@@ -91,3 +91,74 @@ def test_resume_mid_align_cycle_with_grad_accum_is_exact(subject_images, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert history(tmp_path / "resumed") == [{**r, "train_seconds": h["train_seconds"]} for r, h in
                                              zip(history(tmp_path / "straight")[3:], history(tmp_path / "resumed"))]
+
+
+def test_restart_into_the_same_folder_writes_each_step_once_and_keeps_the_clock(subject_images, tmp_path):
+    """A worker that died after step 3, restarted from its step-2 checkpoint, redoes step 3: written once."""
+    run = tmp_path / "run"
+    train_loop(tiny_config(subject_images, run, steps=3, checkpoint_every=2))
+    saved = torch.load(run / "checkpoints" / "step-000002" / "state.pt", weights_only=True)["seconds"]
+    train_loop(tiny_config(subject_images, run, steps=4, checkpoint_every=2,
+                           resume_from=str(run / "checkpoints" / "step-000002")))
+    rows = history(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert saved > 0 and rows[2]["train_seconds"] > saved  # counted on from the checkpoint, not from zero
+
+
+class _Planted:
+    """A pickle that runs code when loaded: what a tampered checkpoint on shared storage could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_checkpoints_load_without_running_pickled_code(subject_images, tmp_path):
+    run = tmp_path / "run"
+    train_loop(tiny_config(subject_images, run, steps=2, checkpoint_every=2))
+    state_file = run / "checkpoints" / "step-000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "extra": _Planted(marker)}, state_file)
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        train_loop(tiny_config(subject_images, tmp_path / "resumed", steps=3,
+                               resume_from=str(run / "checkpoints" / "step-000002")))
+    assert not marker.exists()
+
+
+def test_out_of_memory_fails_with_what_to_lower(subject_images, tmp_path, monkeypatch):
+    from palp_trainer.loop import TrialOutOfMemory
+    from palp_trainer.task import PalpTask
+
+    def oom(*args, **kwargs):  # what CUDA raises when an allocation fails
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(PalpTask, "training_step", oom)
+    with pytest.raises(TrialOutOfMemory) as e:
+        train_loop(tiny_config(subject_images, tmp_path / "run", batch_size=2, steps=2))
+    message = str(e.value)
+    assert "\n" not in message and "at step 1" in message
+    assert "batch_size 2" in message and "resolution 32 px" in message and "train.batch_size" in message
+
+
+def test_runlog_after_a_restart_skips_the_steps_the_run_already_holds(tmp_path):
+    from mlflow import MlflowClient
+
+    from palp_trainer.runlog import RunLog
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    first = RunLog(uri, run_id)
+    for step in (1, 2, 3):
+        first.metrics(step, {"loss": float(step)})
+    first.flush()
+    again = RunLog(uri, run_id, resumed=True)  # restarted from a step-1 checkpoint: steps 2 and 3 redone
+    for step in (2, 3, 4):
+        again.metrics(step, {"loss": 10.0 * step, "clip_t": 0.5})
+    again.flush()
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert loss == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert [m.step for m in client.get_metric_history(run_id, "clip_t")] == [2, 3, 4]

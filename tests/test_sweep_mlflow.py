@@ -181,3 +181,12 @@ def test_unreachable_tracking_server_exits_2_before_training(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "mlflow.tracking_uri" in err[0] and str(port) in err[0]
     assert not (tmp_path / "smoke").exists() and time.time() - started < 30
+
+
+def test_unwritable_storage_exits_2_before_ray_starts(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = main([SMOKE, f"storage_path={blocker / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("palp-sweep: error: storage_path: cannot write to")
+    assert str(blocker) in err[0] and not ray.is_initialized() and not (tmp_path / "m.db").exists()
