@@ -9,7 +9,10 @@ from pathlib import Path
 import ray
 from mlflow import MlflowClient
 from ray import tune
+from ray.experimental import internal_kv
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from palp_trainer.loop import DECISIONS, decision_key
 
 from .recipe import Recipe, RecipeError
 from .registry import register_best
@@ -76,14 +79,31 @@ def max_concurrent(recipe: Recipe) -> int | None:
     return max(1, min(fits))
 
 
+class PublishingASHA(ASHAScheduler):
+    """ASHA that publishes each decision where the trial's workers wait for it after a milestone, so a trial
+    it stops stops training at that milestone (train_loop's scheduler_decision)."""
+
+    def __init__(self, sweep_key: str, **kwargs):
+        super().__init__(**kwargs)
+        self.sweep_key = sweep_key
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if "step" in result:
+            internal_kv._internal_kv_put(decision_key(f"{self.sweep_key}/{trial.trial_id}", result["step"]),
+                                         decision.encode(), namespace=DECISIONS)
+        return decision
+
+
 def scheduler(recipe: Recipe):
     s, steps = recipe.scheduler, sorted(recipe.search.steps)
     if s.type == "fifo":
         return FIFOScheduler()
     # rungs at milestones: time is the training step, grace is the grace_period-th milestone
     # stop_last_trials=False: a trial at its last milestone ends by itself, after its final evaluation and export
-    return ASHAScheduler(time_attr="step", max_t=steps[-1], grace_period=steps[min(s.grace_period, len(steps)) - 1],
-                         reduction_factor=s.reduction_factor, stop_last_trials=False)
+    return PublishingASHA(recipe.name, time_attr="step", max_t=steps[-1],
+                          grace_period=steps[min(s.grace_period, len(steps)) - 1],
+                          reduction_factor=s.reduction_factor, stop_last_trials=False)
 
 
 def build_tuner(recipe: Recipe, storage: str, resume: bool, tracking: Tracking) -> tune.Tuner:

@@ -18,7 +18,8 @@ from .search_space import train_config
 from .tracking import ERROR_TAG, Tracking, end_run, reason
 
 
-NOT_PARAMS = {"subjects", "eval", "output_dir", "progress", "mlflow_uri", "mlflow_run_id", "resume_from"}
+NOT_PARAMS = {"subjects", "eval", "output_dir", "progress", "mlflow_uri", "mlflow_run_id", "resume_from",
+              "scheduler_key"}
 
 
 def is_remote(path: str) -> bool:
@@ -52,7 +53,8 @@ def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Trackin
     # every effective hyperparameter, searched or not (subjects, prompts and eval are in the parent run)
     knobs = {k: v for k, v in config.to_dict().items() if k not in NOT_PARAMS}
     run_id = tracking.child_run(params["pair"], trial_id, knobs)
-    config = replace(config, mlflow_uri=tracking.uri, mlflow_run_id=run_id)
+    config = replace(config, mlflow_uri=tracking.uri, mlflow_run_id=run_id,
+                     scheduler_key=f"{recipe.name}/{trial_id}" if recipe.scheduler.type == "asha" else None)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config.to_dict(),

@@ -20,6 +20,8 @@ from .task import PalpModel, PalpTask
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_FILE = "state.pt"
+DECISIONS = "palp-scheduler"  # Ray KV namespace where the driver publishes early-stopping decisions
+DECISION_WAIT_S = 120.0  # past this, train on (the driver then stops the trial the usual way)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -120,6 +122,25 @@ def load_checkpoint(directory: Path, base, embedding, optimizer, scaler, generat
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state.get("seconds", 0.0)
+
+
+def decision_key(scheduler_key: str, step: int) -> bytes:
+    return f"{scheduler_key}/{step}".encode()
+
+
+def scheduler_decision(scheduler_key: str, step: int) -> str | None:
+    """The early-stopping scheduler's decision on this trial's report at `step` ("CONTINUE", "STOP"), waited
+    for so that a stopped trial stops at its milestone, not whenever Tune's stop reaches its actors. Every
+    rank reads the same key, so all stop at the same step."""
+    from ray.experimental import internal_kv
+
+    deadline = time.monotonic() + DECISION_WAIT_S
+    while time.monotonic() < deadline:
+        found = internal_kv._internal_kv_get(decision_key(scheduler_key, step), namespace=DECISIONS)
+        if found is not None:
+            return found.decode()
+        time.sleep(0.05)
+    return None
 
 
 def train_step(task: PalpTask, data, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -242,6 +263,10 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
                                      if checkpoint_dir else None)
                     else:  # standalone, checkpoint_every
                         shutil.copytree(tmp, output / "checkpoints" / f"step-{step:06d}", dirs_exist_ok=True)
+                if report and milestone and config.scheduler_key and step < config.steps and \
+                        scheduler_decision(config.scheduler_key, step) == "STOP":
+                    bar.close()
+                    return metrics  # stopped early: no final adapter; the driver marks the run
     except torch.OutOfMemoryError:
         raise out_of_memory(config, f"at step {step + 1}") from None
     bar.close()
