@@ -17,6 +17,13 @@ class UsageError(ValueError):
     """A command line that cannot work; printed as one `palp-sweep: error:` line, exit 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises UsageError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def output_folder(path: str | Path, flag: str) -> Path:
     """A folder the command may write into: it exists, or its nearest existing parent is a writable folder.
 
@@ -35,7 +42,7 @@ def output_folder(path: str | Path, flag: str) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="palp-sweep",
         description="Run a PALP recipe as a Ray Tune sweep of Ray Train jobs, tracked in MLflow.",
         epilog="other commands: `palp-sweep models ...` (registered adapters), "

@@ -23,16 +23,11 @@ from palp_trainer.data import DataError, read_image
 from palp_trainer.guidance import DEFAULT_OMEGA, METHODS, alignit_prompts, parse_methods, sample
 from palp_trainer.scoring import Scorer, placeholders_in, replace_placeholders
 
-from .cli import UsageError, output_folder
+from .cli import OneLineParser, UsageError, output_folder
 from .recipe import slugify
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 _TINY_TEXT_HIDDEN = 32  # palp_trainer.tiny's text encoder; real SD text encoders are 768 or 1024 wide
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage + error and exit; we want one line
-        raise UsageError(message)
 
 
 def _count(text: str) -> int:
@@ -47,7 +42,7 @@ def _count(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="palp-sweep generate",
+    p = OneLineParser(prog="palp-sweep generate",
                 description="Sample an adapter with CFG, personalization guidance (pg) or AlignIT on fixed seeds.")
     p.add_argument("source", help="exported adapter directory, or an MLflow model URI (models:/<name>@champion)")
     p.add_argument("--prompt", required=True, help='with the adapter\'s placeholders, e.g. "A sketch of [V1]"')

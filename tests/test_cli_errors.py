@@ -212,10 +212,14 @@ def test_dry_run_and_resume_conflict(tmp_path, capsys):
     assert_one_line_error(*run_main([str(path), "--dry-run", "--resume"], capsys)[::2], "--dry-run and --resume")
 
 
-def test_argparse_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        main([])
-    assert e.value.code == 2
+@pytest.mark.parametrize("argv, expected", [
+    ([], "the following arguments are required: recipe"),
+    (["r.yaml", "--dry-rn"], "unrecognized arguments: --dry-rn"),
+    (["models", "bogus"], "argument command: invalid choice: 'bogus'"),
+    (["models", "pull"], "the following arguments are required: ref, directory"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, expected):
+    assert_one_line_error(*run_main(argv, capsys)[::2], expected)
 
 
 def test_dry_run_smoke_prints_one_row_per_trial(capsys):
