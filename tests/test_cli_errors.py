@@ -490,3 +490,10 @@ def test_models_module_in_an_empty_folder(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.splitlines()) == 1 and "no MLflow store" in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_models_list_reads_an_existing_store(no_store, capsys):
+    from mlflow import MlflowClient
+    MlflowClient(f"sqlite:///{no_store / 'mlflow.db'}").search_experiments()  # what a sweep here leaves behind
+    code, out, err = run_main(["models", "list"], capsys)
+    assert code == 0 and "no registered models" in out
