@@ -6,6 +6,7 @@
 """
 
 import json
+import math
 import re
 import reprlib
 from pathlib import Path
@@ -53,7 +54,7 @@ def export_adapter(directory: str | Path, unet, embedding, manifest: dict) -> Pa
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # json reads NaN
 
 
 def _is_str_map(v) -> bool:
