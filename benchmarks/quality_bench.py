@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from palp_trainer import world
 from palp_trainer.config import EvalConfig, SubjectSpec, TrainConfig
+from palp_trainer.data import read_image
 from palp_trainer.evaluate import generate, pipeline_from
 from palp_trainer.judge import HEADS, WorldJudge, _blur
 from palp_trainer.loop import train_loop
@@ -280,7 +281,7 @@ def bench_table2(args) -> dict:
     for subject, (token, cls) in SUBJECTS.items():
         base = load_base("world")
         pipe = pipeline_from(base, "ddim")
-        refs = [[Image.open(f).convert("RGB") for f in subject_spec(subject, token, cls).images]]
+        refs = [[read_image(f) for f in subject_spec(subject, token, cls).images]]
         for prompt in PROMPTS:
             clean = replace_placeholders(prompt, {token: cls})
             for seed in range(args.seeds):

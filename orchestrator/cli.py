@@ -1,7 +1,9 @@
 """`palp-sweep`: argv -> Recipe (+ key=value overrides) -> sweep; or the `models` / `generate` subcommands."""
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from palp_trainer.data import DataError
 
@@ -15,8 +17,32 @@ class UsageError(ValueError):
     """A command line that cannot work; printed as one `palp-sweep: error:` line, exit 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises UsageError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def output_folder(path: str | Path, flag: str) -> Path:
+    """A folder the command may write into: it exists, or its nearest existing parent is a writable folder.
+
+    Checked before any work; the caller creates it when it writes."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            where = "is a file" if parent == path else f"cannot be made: {parent} is a file"
+            raise UsageError(f"{flag} {path}: {where}; give a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {path}: {parent} is not writable")
+        break
+    return path
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="palp-sweep",
         description="Run a PALP recipe as a Ray Tune sweep of Ray Train jobs, tracked in MLflow.",
         epilog="other commands: `palp-sweep models ...` (registered adapters), "

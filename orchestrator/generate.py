@@ -18,32 +18,37 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from palp_trainer.config import check_guidance_scale, check_seeds
+from palp_trainer.data import DataError, read_image
 from palp_trainer.guidance import DEFAULT_OMEGA, METHODS, alignit_prompts, parse_methods, sample
 from palp_trainer.scoring import Scorer, placeholders_in, replace_placeholders
 
+from .cli import OneLineParser, UsageError, output_folder
 from .recipe import slugify
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 _TINY_TEXT_HIDDEN = 32  # palp_trainer.tiny's text encoder; real SD text encoders are 768 or 1024 wide
 
 
-class _BadInput(Exception):
-    """Printed as one `palp-sweep: error:` line; exit 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage + error and exit; we want one line
-        raise _BadInput(message)
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="palp-sweep generate",
+    p = OneLineParser(prog="palp-sweep generate",
                 description="Sample an adapter with CFG, personalization guidance (pg) or AlignIT on fixed seeds.")
     p.add_argument("source", help="exported adapter directory, or an MLflow model URI (models:/<name>@champion)")
     p.add_argument("--prompt", required=True, help='with the adapter\'s placeholders, e.g. "A sketch of [V1]"')
     p.add_argument("--seeds", default="0,1,2,3", help="comma list; one image per seed (default 0,1,2,3)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale w (default 7.5)")
+    p.add_argument("--steps", type=_count, default=25, help="sampling steps (default 25)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale w >= 1 (default 7.5)")
     p.add_argument("--method", default="cfg",
                    help=f"one of {', '.join(METHODS)}, or a comma list for a side-by-side grid (default cfg)")
     p.add_argument("--omega", default=str(DEFAULT_OMEGA),
@@ -53,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                                         "adapters of the world base are scored by its oracle judge)")
     p.add_argument("--no-score", action="store_true", help="skip scoring")
     p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=_count, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -62,7 +67,7 @@ def _numbers(text: str, kind, option: str) -> list:
     try:
         values = [kind(v) for v in text.split(",")]
     except ValueError:
-        raise _BadInput(f"{option}: expected a comma list of {kind.__name__}s, got {text!r}") from None
+        raise UsageError(f"{option}: expected a comma list of {kind.__name__}s, got {text!r}") from None
     return values
 
 
@@ -77,10 +82,10 @@ def _adapter_dir(source: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
     except (MlflowException, OSError) as e:
-        raise _BadInput(f"{source}: cannot download it: {e}") from None
+        raise UsageError(f"{source}: cannot download it: {e}") from None
     manifests = sorted(local.rglob(MANIFEST_FILE), key=lambda p: len(p.parts))
     if not manifests:
-        raise _BadInput(f"{source}: the downloaded model holds no adapter ({MANIFEST_FILE})")
+        raise UsageError(f"{source}: the downloaded model holds no adapter ({MANIFEST_FILE})")
     return manifests[0].parent
 
 
@@ -88,10 +93,13 @@ def _default_clip(base_model: str) -> str:
     """'tiny' for the built-in tiny base (in code, or a folder written by `python -m palp_trainer.tiny`):
     scoring its 32 px toys needs no real CLIP download."""
     config = Path(base_model) / "text_encoder" / "config.json"
-    if base_model == "tiny" or (config.is_file() and
-                                json.loads(config.read_text()).get("hidden_size") == _TINY_TEXT_HIDDEN):
+    if base_model == "tiny":
         return "tiny"
-    return DEFAULT_CLIP
+    try:
+        hidden = json.loads(config.read_text()).get("hidden_size") if config.is_file() else None
+    except (OSError, ValueError, AttributeError) as e:  # ValueError: not JSON; AttributeError: not an object
+        raise UsageError(f"{config}: not a readable text-encoder config ({_first_line(e)})") from None
+    return "tiny" if hidden == _TINY_TEXT_HIDDEN else DEFAULT_CLIP
 
 
 def _references(manifest: dict, used: list[str]) -> tuple[list[list[Image.Image]] | None, str]:
@@ -106,7 +114,10 @@ def _references(manifest: dict, used: list[str]) -> tuple[list[list[Image.Image]
             return None, f"the manifest lists no reference images for {subject['token']}"
         if missing:
             return None, f"the reference images of {subject['token']} are gone ({missing[0]})"
-        refs.append([_rgb(f) for f in files])
+        try:
+            refs.append([read_image(f) for f in files])
+        except DataError as e:
+            raise UsageError(f"reference image of {subject['token']}: {e}; pass --no-score to skip scoring") from None
     return refs, ""
 
 
@@ -126,25 +137,27 @@ def _first_line(error: Exception) -> str:
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
-def _rgb(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def _run(args) -> int:
     omegas = _numbers(args.omega, float, "--omega")
     entries = [{"pg": {"omega": omegas}} if m == "pg" else m for m in args.method.split(",")]
     try:
         methods = parse_methods(entries)
     except ValueError as e:
-        raise _BadInput(str(e).replace("methods[", "--method entry [")) from None
-    seeds = _numbers(args.seeds, int, "--seeds")
-    if len(set(seeds)) != len(seeds):
-        raise _BadInput(f"--seeds: each seed once, got {args.seeds}")
-    if args.steps < 1 or args.batch_size < 1:
-        raise _BadInput("--steps and --batch-size must be >= 1")
+        raise UsageError(str(e).replace("methods[", "--method entry [")) from None
+    try:
+        seeds = check_seeds(_numbers(args.seeds, int, "--seeds"), "--seeds")
+        check_guidance_scale(args.guidance_scale, "--guidance-scale")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out = output_folder(args.out or Path("generated") / slugify(args.prompt), "--out")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device: {_first_line(e)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if any(method == "pg" for _, method, _ in methods) and args.guidance_scale <= 1:
-        raise _BadInput(f"--guidance-scale: pg needs CFG (> 1), got {args.guidance_scale:g}")
+        raise UsageError(f"--guidance-scale: pg needs CFG (> 1), got {args.guidance_scale:g}")
 
     # diffusers' pipelines load in seconds: only after the command line is known to be good
     from diffusers.utils import make_image_grid
@@ -153,14 +166,11 @@ def _run(args) -> int:
     from palp_trainer.export import load_adapter, read_manifest
 
     adapter = _adapter_dir(args.source)
-    try:
-        manifest = read_manifest(adapter)
-    except FileNotFoundError as e:
-        raise _BadInput(str(e)) from None
+    manifest = read_manifest(adapter)  # AdapterError: one line naming the file and key
     used = placeholders_in(args.prompt, manifest["tokens"])
     if not used:
-        raise _BadInput(f"--prompt: {args.prompt!r} holds none of the adapter's placeholders "
-                        f"{', '.join(manifest['tokens'])}")
+        raise UsageError(f"--prompt: {args.prompt!r} holds none of the adapter's placeholders "
+                         f"{', '.join(manifest['tokens'])}")
     clean = replace_placeholders(args.prompt, manifest["placeholders"])
 
     scorer, refs, why = None, None, "--no-score"
@@ -176,23 +186,25 @@ def _run(args) -> int:
             with _quiet_hub():
                 scorer = Scorer(clip_model=clip, dino_model=None, device=args.device)
         except (OSError, ValueError) as e:
-            raise _BadInput(f"--clip-model {clip}: cannot load it ({_first_line(e)}); "
-                            "pass a local CLIP folder, --clip-model tiny, or --no-score") from None
+            raise UsageError(f"--clip-model {clip}: cannot load it ({_first_line(e)}); "
+                             "pass a local CLIP folder, --clip-model tiny, or --no-score") from None
 
     try:
         with _quiet_hub():
             base, _ = load_adapter(adapter, args.device)
     except OSError as e:
-        raise _BadInput(f"base model {manifest['base_model']!r} of {adapter}: cannot load it "
-                        f"({_first_line(e)})") from None
+        raise UsageError(f"base model {manifest['base_model']!r} of {adapter}: cannot load it "
+                         f"({_first_line(e)})") from None
     pipe = pipeline_from(base, args.sampler)
+    if args.steps > pipe.scheduler.config.num_train_timesteps:
+        raise UsageError(f"--steps: at most the base model's {pipe.scheduler.config.num_train_timesteps} "
+                         f"training timesteps, got {args.steps}")
     if any(method == "alignit" for _, method, _ in methods):
         try:  # p / p′ problems (spans that cannot be aligned) before anything is sampled
             alignit_prompts(pipe.tokenizer, args.prompt, manifest["placeholders"])
         except ValueError as e:
-            raise _BadInput(str(e)) from None
+            raise UsageError(str(e)) from None
 
-    out = Path(args.out) if args.out else Path("generated") / slugify(args.prompt)
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
     for label, method, kwargs in methods:
@@ -229,7 +241,7 @@ def _run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _run(_parser().parse_args(sys.argv[1:] if argv is None else argv))
-    except _BadInput as e:
+    except (UsageError, DataError) as e:  # DataError: a bad image, or export's AdapterError
         print(f"palp-sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,7 @@ Unknown keys (with a "did you mean"), wrong types, out-of-range values and unrea
 """
 
 import difflib
+import math
 import re
 import types
 from dataclasses import MISSING, fields
@@ -12,17 +13,28 @@ from pathlib import Path
 from typing import Union, get_args, get_origin
 
 import yaml
-from PIL import Image, UnidentifiedImageError
 
 from palp_trainer.config import EvalConfig, default_resolution
-from palp_trainer.data import IMAGE_SUFFIXES, DataError, list_images
+from palp_trainer.data import IMAGE_SUFFIXES, DataError, list_images, load_image
 
 from .recipe import (DIM_KINDS, _KNOB_TYPES, Dim, MlflowSpec, Prompt, Recipe, RecipeError, Resources, SchedulerSpec,
                      Search, Subject, TrainDefaults, _check_defined, _check_knob, _check_unique)
 
 
 class _Loader(yaml.SafeLoader):
-    """safe_load, but `5e-5` is a float (YAML 1.2), not the string YAML 1.1 makes of it."""
+    """safe_load, but `5e-5` is a float (YAML 1.2), not the string YAML 1.1 makes of it, and a key given
+    twice in one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # before `<<` merges are flattened in: an explicit key may override those
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice in one mapping",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -75,6 +87,8 @@ def _coerce(value, tp, path: str):
           int: lambda v: isinstance(v, int) and not isinstance(v, bool)}.get(tp, lambda v: isinstance(v, tp))
     if not ok(value):
         raise RecipeError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float and not math.isfinite(value):  # YAML's .nan / .inf pass every `x > 0`-style range check
+        raise RecipeError(f"{path}: expected a finite number, got {value!r}")
     return float(value) if tp is float else value
 
 
@@ -153,17 +167,13 @@ def _parse_search(raw) -> Search:
 
 
 def _check_image(file: Path, resolution: int, allow_upscale: bool, path: str) -> None:
+    """Load it as the trainer will (every pixel decoded, size checked): a bad file fails here, before Ray starts."""
     if file.suffix.lower() not in IMAGE_SUFFIXES:
         raise RecipeError(f"{path}: {file} is not a {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} file")
     try:
-        with Image.open(file) as im:
-            size = im.size
-            im.verify()  # header + structure; cheap, decodes no pixels
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise RecipeError(f"{path}: unreadable image {file}: {e}") from None
-    if min(size) < resolution and not allow_upscale:
-        raise RecipeError(f"{path}: {file} is {size[0]}x{size[1]}, smaller than resolution {resolution}; "
-                          "set train.allow_upscale: true to upscale it")
+        load_image(file, resolution, allow_upscale)
+    except DataError as e:
+        raise RecipeError(f"{path}: {e}") from None
 
 
 def _parse_images(raw, base: Path, resolution: int, allow_upscale: bool, path: str) -> tuple[str, ...]:
@@ -313,12 +323,16 @@ def load_recipe(path: str | Path, overrides=()) -> Recipe:
         raise RecipeError(f"{path}: no such recipe file")
     if path.is_dir():
         raise RecipeError(f"{path}: is a directory, expected a YAML recipe file")
+    if not path.is_file():  # a FIFO or device would block or stream forever
+        raise RecipeError(f"{path}: is not a regular file, expected a YAML recipe file")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not valid YAML: not a text file") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not valid YAML: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read it: {e.strerror or e}") from None
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else f"a {type(raw).__name__}"
         raise RecipeError(f"{path}: expected a mapping with name, subjects and prompts, got {got}")

@@ -6,6 +6,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow
 from mlflow import MlflowClient
@@ -13,11 +14,32 @@ from mlflow.exceptions import MlflowException
 
 from palp_trainer.export import MANIFEST_FILE
 
+from .cli import OneLineParser, UsageError, output_folder
 from .tracking import TrackingError, preflight
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def _uri(arg: str | None) -> str:
     return arg or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _check_store(uri: str) -> None:
+    """Every `models` command only reads the store: a local one must exist already, since MLflow would
+    create an empty one (and a folder for it) wherever the URI points."""
+    if uri.startswith("sqlite:///"):
+        path = Path(unquote(uri.removeprefix("sqlite:///").partition("?")[0]))
+        if not path.is_file():
+            raise UsageError(f"no MLflow store at {uri}: {path} does not exist; run a sweep first, or pass "
+                             "--tracking-uri (or set MLFLOW_TRACKING_URI) to the store the sweep used")
+        with path.open("rb") as f:
+            if f.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
+                raise UsageError(f"{path}: not an MLflow store (not an SQLite database)")
+    elif uri.startswith("file:") or "://" not in uri:  # a local folder store
+        path = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+        if not path.is_dir():
+            raise UsageError(f"no MLflow store at {uri}: no folder {path}; run a sweep first, or pass "
+                             "--tracking-uri (or set MLFLOW_TRACKING_URI) to the store the sweep used")
 
 
 def _scores(tags: dict) -> str:
@@ -67,7 +89,7 @@ def pull(ref: str, directory: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="palp-sweep models", description=__doc__)
+    parser = OneLineParser(prog="palp-sweep models", description=__doc__)
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered models, versions, aliases and scores")
@@ -76,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     get = sub.add_parser("pull", help="write a version's adapter files to DIR")
     get.add_argument("ref", help="NAME, NAME@alias or NAME/version")
     get.add_argument("directory")
-    args = parser.parse_args(argv)
-    uri = _uri(args.tracking_uri)
     try:
+        args = parser.parse_args(argv)
+        uri = _uri(args.tracking_uri)
+        if args.command == "pull":
+            output_folder(args.directory, "pull")
+        _check_store(uri)
         preflight(uri, nodes=1)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
@@ -88,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             show_model(client, args.name)
         else:
             print(pull(args.ref, args.directory))
-    except (TrackingError, MlflowException) as e:
+    except (TrackingError, MlflowException, UsageError) as e:
         print(f"palp-sweep: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0

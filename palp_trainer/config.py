@@ -37,6 +37,23 @@ def check_omega(omega: float, where: str = "omega") -> float:
     return float(omega)
 
 
+def check_guidance_scale(scale: float, where: str = "guidance_scale") -> float:
+    # diffusers runs CFG only above 1; below it, any value would silently mean 1 (the conditional branch alone)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1.0 <= scale < float("inf"):
+        raise ValueError(f"{where}: CFG scale w must be a finite number >= 1 (1 = no CFG), got {scale!r}")
+    return float(scale)
+
+
+def check_seeds(seeds, where: str = "seeds") -> tuple[int, ...]:
+    """Each seed once (a repeated seed repeats its image and weighs it twice in every mean), in torch's range."""
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"{where}: a seed must be an integer in [0, 2**64), got {seed!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{where}: each seed once, got {list(seeds)}")
+    return tuple(seeds)
+
+
 def parse_methods(spec) -> list[tuple[str, str, dict]]:
     """Recipe list -> [(label, method, kwargs)]: `["cfg", {"pg": {"omega": [0.4, 0.6]}}, "alignit"]` ->
     `[("cfg", "cfg", {}), ("pg-0.4", "pg", {"omega": 0.4}), ("pg-0.6", "pg", {"omega": 0.6}), ("alignit", ...)]`.
@@ -119,6 +136,8 @@ class EvalConfig:
             raise ValueError(f"sampler: must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.num_images < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("num_images, steps and batch_size must be >= 1")
+        check_guidance_scale(self.guidance_scale)
+        check_seeds(self.seeds)
 
     @property
     def metric_names(self) -> tuple[str, str]:

@@ -1,16 +1,17 @@
 """Subject images -> cached VAE latents, and the per-step draw of (image, subject) pairs."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class DataError(ValueError):
-    """Bad subject data; the message names the file."""
+    """Bad input data (a subject image; an adapter folder: export.AdapterError); the message names the file."""
 
 
 def list_images(path: str | Path) -> list[Path]:
@@ -20,26 +21,58 @@ def list_images(path: str | Path) -> list[Path]:
         raise DataError(f"no such file or directory: {path}")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not path.is_dir():
+        raise DataError(f"{path} is neither a file nor a folder")
+    try:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as e:
+        raise DataError(f"cannot list {path}: {e.strerror or e}") from None
     if not files:
         raise DataError(f"no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images in {path}")
     return files
 
 
+def read_image(path: str | Path) -> Image.Image:
+    """Decode every pixel of an image file into 8-bit RGB, upright as its EXIF orientation says.
+
+    The one place subject and reference images are read: a file that opens but cannot be decoded
+    (truncated, a header that lies), a decompression bomb or an unsupported mode is a DataError naming it.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # over Image.MAX_IMAGE_PIXELS PIL only warns, then allocates it all; over twice that it raises
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # decodes the pixels: open() and verify() read headers only
+                file_format, im = im.format, ImageOps.exif_transpose(im)  # a copy, without a format
+    except FileNotFoundError:
+        raise DataError(f"no such image: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {path} is too large to decode: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # PIL's decoders raise all three
+        raise DataError(f"unreadable image {path}: {e}") from None
+    return _to_rgb(im, file_format, path)
+
+
+def _to_rgb(im: Image.Image, file_format: str | None, path: Path) -> Image.Image:
+    # convert("RGB") clips 16-bit grey at 255 (a solid white image); scale 0..65535 -> 0..255 instead
+    if im.mode.startswith("I;16") or (im.mode == "I" and file_format == "PNG"):  # "I": 16-bit grey, older PIL
+        grey = np.asarray(im, dtype=np.float64) / 257.0
+        return Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("I", "F"):  # 32-bit int / float: no bit range to scale by
+        raise DataError(f"image {path}: mode {im.mode} images are not supported; save it as 8-bit or 16-bit PNG")
+    return im.convert("RGB")
+
+
 def load_image(path: str | Path, resolution: int, allow_upscale: bool = False) -> torch.Tensor:
     """Resize the short side to `resolution`, center-crop; returns [3, H, W] in [-1, 1]."""
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"no such image: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"unreadable image {path}: {e}") from None
+    im = read_image(path)
     w, h = im.size
     if min(w, h) < resolution and not allow_upscale:
         raise DataError(f"image {path} is {w}x{h}, smaller than resolution {resolution}; "
-                        "set allow_upscale: true to upscale it")
+                        "set allow_upscale: true (train.allow_upscale in a recipe) to upscale it")
     scale = resolution / min(w, h)
     im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
     w, h = im.size

@@ -6,7 +6,9 @@
 """
 
 import json
+import math
 import re
+import reprlib
 from pathlib import Path
 
 import torch
@@ -14,12 +16,18 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .data import DataError
 from .models import Base, add_lora, add_placeholders, load_base
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "manifest.json"
+
+
+class AdapterError(DataError):
+    """An adapter folder that cannot be loaded; the one-line message names the file (and the manifest key)."""
 
 
 def embeds_file(token: str) -> str:
@@ -45,25 +53,109 @@ def export_adapter(directory: str | Path, unet, embedding, manifest: dict) -> Pa
     return directory
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # json reads NaN
+
+
+def _is_str_map(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) and x for k, x in v.items())
+
+
+def _is_file_name(v) -> bool:  # a plain name: the file is inside the adapter folder
+    return isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v
+
+
+def _is_subject(v) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("token"), str) and isinstance(v.get("class_word"), str)
+            and isinstance(v.get("images"), list) and all(isinstance(f, str) for f in v["images"]))
+
+
+# what loading and sampling an adapter read: key -> (what it must be, check)
+_MANIFEST = {
+    "base_model": ("a model name or folder", lambda v: isinstance(v, str) and v != ""),
+    "tokens": ("a non-empty list of placeholder strings",
+               lambda v: isinstance(v, list) and v and all(isinstance(t, str) and t for t in v)),
+    "placeholders": ("a mapping of each token to its class word", _is_str_map),
+    "embeddings": ("a mapping of each token to a file in the adapter folder",
+                   lambda v: _is_str_map(v) and all(_is_file_name(f) for f in v.values())),
+    "lora_file": ("a file in the adapter folder", _is_file_name),
+    "rank": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "lora_alpha": ("a number > 0", lambda v: _is_number(v) and v > 0),
+    "resolution": ("a positive multiple of 8", lambda v: isinstance(v, int) and not isinstance(v, bool)
+                   and v > 0 and v % 8 == 0),
+    "subjects": ("a list of {token, class_word, images: [files]}",
+                 lambda v: isinstance(v, list) and all(_is_subject(x) for x in v)),
+}
+
+
 def read_manifest(directory: str | Path) -> dict:
+    """manifest.json, checked for every key loading and sampling read; an AdapterError names the key."""
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no adapter at {directory}: {MANIFEST_FILE} is missing")
-    return json.loads(path.read_text())
+        raise AdapterError(f"no adapter at {directory}: {MANIFEST_FILE} is missing")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read it: {e.strerror or e}") from None
+    if not isinstance(manifest, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    for key, (what, ok) in _MANIFEST.items():
+        if key not in manifest:
+            raise AdapterError(f"{path}: {key}: required")
+        if not ok(manifest[key]):
+            raise AdapterError(f"{path}: {key}: expected {what}, got {reprlib.repr(manifest[key])}")
+    tokens = set(manifest["tokens"])
+    for key in ("placeholders", "embeddings"):
+        if set(manifest[key]) != tokens:
+            raise AdapterError(f"{path}: {key}: its tokens {sorted(manifest[key])} are not the manifest's tokens "
+                               f"{manifest['tokens']}")
+    for i, subject in enumerate(manifest["subjects"]):
+        if subject["token"] not in tokens:
+            raise AdapterError(f"{path}: subjects[{i}].token: {subject['token']!r} is not one of the tokens "
+                               f"{manifest['tokens']}")
+    return manifest
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except FileNotFoundError:
+        raise AdapterError(f"{file}: missing (named by {MANIFEST_FILE})") from None
+    except (SafetensorError, OSError) as e:  # truncated, empty or not safetensors at all
+        raise AdapterError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def load_weights(directory: str | Path, unet, embedding) -> dict:
     """Load an exported adapter into the trainer's own modules (LoRA-wrapped UNet, PlaceholderEmbedding)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    lora = load_file(directory / manifest["lora_file"])
+    lora_file = directory / manifest["lora_file"]
+    lora = _load_tensors(lora_file)
     lora = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in lora.items()})
-    result = set_peft_model_state_dict(unet, lora)
+    try:
+        result = set_peft_model_state_dict(unet, lora)
+    except RuntimeError as e:  # shape mismatch: the file's rank or layers are not the manifest's
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise AdapterError(f"{lora_file}: does not fit the rank-{manifest['rank']} LoRA of "
+                           f"{manifest['base_model']!r}: {detail}") from None
     if result.unexpected_keys:
-        raise ValueError(f"{directory}: LoRA keys do not match this model: {result.unexpected_keys[:3]}")
+        raise AdapterError(f"{lora_file}: LoRA keys do not match this model: {result.unexpected_keys[:3]}")
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if missing:  # left at their initial values, the adapter would silently be (part of) the base model
+        raise AdapterError(f"{lora_file}: {len(missing)} LoRA weights of this model are missing, e.g. {missing[0]}")
     with torch.no_grad():
         for i, token in enumerate(embedding.tokens):
-            embedding.rows[i] = load_file(directory / manifest["embeddings"][token])[token]
+            file = directory / manifest["embeddings"][token]
+            row = _load_tensors(file).get(token)
+            if row is None or row.shape != embedding.rows[i].shape:
+                got = "no such tensor" if row is None else f"shape {list(row.shape)}"
+                raise AdapterError(f"{file}: expected a tensor {token!r} of shape {list(embedding.rows[i].shape)}, "
+                                   f"got {got}")
+            embedding.rows[i] = row
     return manifest
 
 

@@ -44,3 +44,34 @@ def tiny_config(images, output_dir, **overrides) -> TrainConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _png_with_size(data: bytes, width: int, height: int) -> bytes:
+    """`data` (a PNG) with its IHDR claiming width x height, CRC fixed: the header lies, the file still opens."""
+    import struct
+    import zlib
+    body = b"IHDR" + struct.pack(">II", width, height) + data[24:29]  # bit depth, colour type, ... unchanged
+    return data[:8] + struct.pack(">I", 13) + body + struct.pack(">I", zlib.crc32(body)) + data[33:]
+
+
+def write_bad_image(path, kind: str):
+    """An image file that opens (its header reads) but cannot be used: built from a real 40x48 image.
+
+    kind: "truncated_jpeg" / "truncated_png" (cut at 60%), "lying_png" (IHDR says 64x64, data is 40x48),
+    "bomb_png" (IHDR says 20000x20000: over twice PIL's pixel limit), "big_png" (10000x10000: over the limit
+    itself, where PIL only warns).
+    """
+    import io
+    suffix = ".jpg" if kind.endswith("jpeg") else ".png"
+    path = path.with_suffix(suffix)
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((48, 40, 3)) * 255).astype("uint8")).save(buffer, "JPEG" if suffix == ".jpg" else "PNG")
+    data = buffer.getvalue()
+    if kind.startswith("truncated"):
+        data = data[:int(len(data) * 0.6)]
+    else:
+        data = _png_with_size(data, *{"lying_png": (64, 64), "bomb_png": (20000, 20000), "big_png": (10000, 10000)}[kind])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path

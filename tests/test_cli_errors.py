@@ -1,14 +1,20 @@
 """Bad recipes and command lines: exit 2 with one `palp-sweep: error: <field>: <problem>` line, no traceback."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
 
 from orchestrator.cli import main
-from tests.conftest import write_images
+from tests.conftest import tiny_config, write_bad_image, write_images
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,6 +119,13 @@ CASES = [
     ("subjects.0.class_word", None, "subjects[0].class_word: expected str, got NoneType None"),
     ("prompts", ["A sketch of [V1]"], "subjects[1].token: [V2] appears in no prompt target"),
     ("prompts.1.name", "a sketch of [v1]", "prompts[1]: its slug 'a-sketch-of-v1' is also prompts[0]'s"),
+    ("train.lr", float("nan"), "train.lr: expected a finite number, got nan"),
+    ("train.alpha", float("inf"), "train.alpha: expected a finite number, got inf"),
+    ("search.beta", {"uniform": [0.5, float("inf")]}, "search.beta.uniform[1]: expected a finite number, got inf"),
+    ("eval.guidance_scale", float("nan"), "eval.guidance_scale: expected a finite number, got nan"),
+    ("eval.guidance_scale", 0.5, "eval.guidance_scale: CFG scale w must be a finite number >= 1"),
+    ("eval.seeds", [0, 0], "eval.seeds: each seed once, got [0, 0]"),
+    ("eval.seeds", [-1], "eval.seeds: a seed must be an integer in [0, 2**64), got -1"),
 ]
 
 
@@ -161,6 +174,42 @@ def test_corrupt_image(tmp_path, capsys):
     assert_dry_run_error(raw, tmp_path, capsys, "subjects[0].images: unreadable image", "1.png")
 
 
+@pytest.mark.parametrize("kind", ["truncated_jpeg", "truncated_png", "lying_png", "bomb_png", "big_png"])
+def test_image_that_opens_but_does_not_decode(tmp_path, capsys, kind):
+    # verify() passes these (or PIL only warns): the recipe loader decodes every pixel, before Ray starts
+    raw = good_recipe(tmp_path)
+    bad = write_bad_image(tmp_path / "cat" / "1", kind)
+    assert_dry_run_error(raw, tmp_path, capsys, "subjects[0].images:", f"image {bad}")
+
+
+def test_16_bit_grey_image_passes(tmp_path, capsys):
+    raw = good_recipe(tmp_path)
+    Image.fromarray(np.full((48, 40), 40000, np.uint16)).save(tmp_path / "cat" / "1.png")
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert run_main([str(path), "--dry-run"], capsys)[0] == 0
+
+
+def test_folder_named_like_an_image_inside_the_images_folder(tmp_path, capsys):
+    raw = good_recipe(tmp_path)
+    (tmp_path / "cat" / "2.png").mkdir()
+    assert_dry_run_error(raw, tmp_path, capsys, "subjects[0].images: unreadable image", "2.png")
+
+
+def test_image_path_that_is_not_a_file_or_folder(tmp_path, capsys):
+    raw = good_recipe(tmp_path)
+    os.mkfifo(tmp_path / "pipe.png")
+    raw["subjects"][1]["images"] = ["mug/0.png", "pipe.png"]
+    assert_dry_run_error(raw, tmp_path, capsys, "subjects[1].images[1]:", "pipe.png is neither a file nor a folder")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_image(tmp_path, capsys):
+    raw = good_recipe(tmp_path)
+    (tmp_path / "cat" / "1.png").chmod(0)
+    assert_dry_run_error(raw, tmp_path, capsys, "subjects[0].images: unreadable image", "1.png")
+
+
 def test_not_an_image_file(tmp_path, capsys):
     raw = good_recipe(tmp_path)
     (tmp_path / "notes.txt").write_text("hello")
@@ -180,11 +229,31 @@ def test_image_smaller_than_resolution(tmp_path, capsys):
     ("name: x\nsubjects: [unclosed\n  - a: b\n", ("not valid YAML:", "line")),
     ("- just\n- a list\n", ("expected a mapping", "got a list")),
     ("# nothing\n", ("expected a mapping", "empty file")),
+    ("name: x\ntrain: {rank: 4}\ntrain: {lr: 1.0e-4}\n", ("not valid YAML: key 'train' given twice", "line 3")),
+    ("name: x\ntrain: {rank: 4, rank: 8}\n", ("not valid YAML: key 'rank' given twice", "line 2")),
 ])
 def test_not_a_yaml_mapping(tmp_path, capsys, text, expected):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
     assert_one_line_error(*run_main([str(path)], capsys)[::2], f"{path}: {expected[0]}", expected[1])
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    from orchestrator.recipe_yaml import _Loader
+    text = "base: &b {rank: 4, lr: 1.0}\ntrain:\n  <<: *b\n  rank: 8\n"
+    assert yaml.load(text, Loader=_Loader)["train"] == {"rank": 8, "lr": 1.0}
+
+
+def test_recipe_not_utf8(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    assert_one_line_error(*run_main([str(path)], capsys)[::2], f"{path}: not valid YAML: not UTF-8 text (byte 9)")
+
+
+def test_recipe_not_a_regular_file(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    os.mkfifo(path)  # reading it would block forever
+    assert_one_line_error(*run_main([str(path)], capsys)[::2], f"{path}: is not a regular file")
 
 
 def test_missing_recipe_file(tmp_path, capsys):
@@ -212,10 +281,14 @@ def test_dry_run_and_resume_conflict(tmp_path, capsys):
     assert_one_line_error(*run_main([str(path), "--dry-run", "--resume"], capsys)[::2], "--dry-run and --resume")
 
 
-def test_argparse_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        main([])
-    assert e.value.code == 2
+@pytest.mark.parametrize("argv, expected", [
+    ([], "the following arguments are required: recipe"),
+    (["r.yaml", "--dry-rn"], "unrecognized arguments: --dry-rn"),
+    (["models", "bogus"], "argument command: invalid choice: 'bogus'"),
+    (["models", "pull"], "the following arguments are required: ref, directory"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, expected):
+    assert_one_line_error(*run_main(argv, capsys)[::2], expected)
 
 
 def test_dry_run_smoke_prints_one_row_per_trial(capsys):
@@ -244,3 +317,183 @@ def test_module_entry_point_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "palp-sweep: error: train.rank: expected int, got str 'abc'"
+
+
+# --- `palp-sweep generate` on a broken adapter or with bad numbers: one line naming the file / flag --------
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    from palp_trainer.export import export_adapter
+    from palp_trainer.loop import build, manifest
+    root = tmp_path_factory.mktemp("adapter")
+    config = tiny_config(write_images(root / "cat", 2, seed=0), root / "run")
+    torch.manual_seed(0)
+    base, embedding, _ = build(config, torch.device("cpu"))
+    return export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2))
+
+
+def _edit_manifest(**changes):
+    def edit(folder):
+        path = folder / "manifest.json"
+        manifest = {**json.loads(path.read_text()), **changes}
+        path.write_text(json.dumps({k: v for k, v in manifest.items() if v is not None}))
+    return edit
+
+
+def _save_tensors(name, tensors):
+    def save(folder):
+        from safetensors.torch import save_file
+        save_file(tensors, folder / name)
+    return save
+
+
+LORA, EMBEDS, MANIFEST = "pytorch_lora_weights.safetensors", "learned_embeds-V1.safetensors", "manifest.json"
+ADAPTER_CASES = [
+    # (what is broken, how, the file named, the rest of the message)
+    ("truncated-lora", lambda d: os.truncate(d / LORA, 100), LORA, "not a readable safetensors file"),
+    ("empty-embeds", lambda d: (d / EMBEDS).write_bytes(b""), EMBEDS, "not a readable safetensors file"),
+    ("missing-lora", lambda d: (d / LORA).unlink(), LORA, "missing (named by manifest.json)"),
+    ("not-json", lambda d: (d / MANIFEST).write_text("{bad"), MANIFEST, "not valid JSON: Expecting property name"),
+    ("not-utf8", lambda d: (d / MANIFEST).write_bytes(b'{"a": "\xff"}'), MANIFEST, "not UTF-8 text (byte 7)"),
+    ("a-list", lambda d: (d / MANIFEST).write_text("[]"), MANIFEST, "expected a JSON object, got list"),
+    ("no-rank", _edit_manifest(rank=None), MANIFEST, "rank: required"),
+    ("rank-str", _edit_manifest(rank="4"), MANIFEST, "rank: expected an integer >= 1, got '4'"),
+    ("tokens-str", _edit_manifest(tokens="[V1]"), MANIFEST, "tokens: expected a non-empty list"),
+    ("alpha-nan", lambda d: (d / MANIFEST).write_text((d / MANIFEST).read_text().replace(
+        '"lora_alpha": 4', '"lora_alpha": NaN')), MANIFEST, "lora_alpha: expected a number > 0, got nan"),
+    ("escapes", _edit_manifest(embeddings={"[V1]": "../x.safetensors"}), MANIFEST,
+     "embeddings: expected a mapping of each token to a file in the adapter folder"),
+    ("other-tokens", _edit_manifest(placeholders={"[V2]": "dog"}), MANIFEST,
+     "placeholders: its tokens ['[V2]'] are not the manifest's tokens ['[V1]']"),
+    ("subject-token", _edit_manifest(subjects=[{"token": "[V9]", "class_word": "cat", "images": []}]), MANIFEST,
+     "subjects[0].token: '[V9]' is not one of the tokens"),
+    ("rank-lies", _edit_manifest(rank=8), LORA, "does not fit the rank-8 LoRA of 'tiny': size mismatch"),
+    ("no-lora-keys", _save_tensors(LORA, {}), LORA, "64 LoRA weights of this model are missing"),
+    ("wrong-embed", _save_tensors(EMBEDS, {"[V7]": torch.zeros(32)}), EMBEDS,
+     "expected a tensor '[V1]' of shape [32], got no such tensor"),
+]
+
+
+@pytest.mark.parametrize("break_it, name, expected", [c[1:] for c in ADAPTER_CASES], ids=[c[0] for c in ADAPTER_CASES])
+def test_broken_adapter(adapter, tmp_path, capsys, break_it, name, expected):
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter, broken)
+    break_it(broken)
+    out = tmp_path / "out"
+    code, _, err = run_main(["generate", str(broken), "--prompt", "A sketch of [V1]", "--steps", "1", "--seeds", "0",
+                             "--no-score", "--out", str(out)], capsys)
+    assert_one_line_error(code, err, f"{broken / name}: {expected}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--guidance-scale", "nan"], "--guidance-scale: CFG scale w must be a finite number >= 1 (1 = no CFG), got nan"),
+    (["--guidance-scale", "inf"], "--guidance-scale: CFG scale w must be a finite number >= 1 (1 = no CFG), got inf"),
+    (["--guidance-scale", "0.5"], "--guidance-scale: CFG scale w must be a finite number >= 1 (1 = no CFG), got 0.5"),
+    (["--guidance-scale", "x"], "argument --guidance-scale: invalid float value: 'x'"),
+    (["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+    (["--steps", "1001"], "--steps: at most the base model's 1000 training timesteps, got 1001"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+    (["--seeds", "99999999999999999999999"], "--seeds: a seed must be an integer in [0, 2**64)"),
+    (["--seeds", "-1"], "--seeds: a seed must be an integer in [0, 2**64), got -1"),
+    (["--method", "pg", "--omega", "nan"], "ω must be a number in [0, 1]"),
+    (["--device", "cuda:x"], "--device:"),
+])
+def test_generate_bad_numbers_and_flags(adapter, tmp_path, capsys, argv, expected):
+    out = tmp_path / "out"
+    code, _, err = run_main(["generate", str(adapter), "--prompt", "A sketch of [V1]", "--steps", "1", "--seeds", "0",
+                             "--no-score", "--out", str(out), *argv], capsys)
+    assert_one_line_error(code, err, expected)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("out", ["file", "file/sub"])
+def test_generate_out_onto_a_file(adapter, tmp_path, capsys, out):
+    (tmp_path / "file").write_text("not a folder")
+    code, _, err = run_main(["generate", str(adapter), "--prompt", "A sketch of [V1]", "--out", str(tmp_path / out)],
+                            capsys)
+    assert_one_line_error(code, err, f"--out {tmp_path / out}: ", "give a folder")
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_generate_unreadable_reference_image(adapter, tmp_path, capsys):
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter, broken)
+    bad = write_bad_image(tmp_path / "ref", "truncated_jpeg")
+    _edit_manifest(subjects=[{"name": "cat", "token": "[V1]", "class_word": "cat", "images": [str(bad)],
+                              "prompt": "A photo of [V1]"}])(broken)
+    code, _, err = run_main(["generate", str(broken), "--prompt", "A sketch of [V1]", "--out", str(tmp_path / "out")],
+                            capsys)
+    assert_one_line_error(code, err, f"reference image of [V1]: unreadable image {bad}", "--no-score")
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_module_has_one_stderr_line_and_no_traceback(adapter, tmp_path):
+    broken = tmp_path / "adapter"
+    shutil.copytree(adapter, broken)
+    os.truncate(broken / LORA, 100)
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "generate", str(broken), "--prompt",
+                           "A sketch of [V1]", "--no-score", "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [f"palp-sweep: error: {broken / LORA}: not a readable safetensors file "
+                                        "(Error while deserializing header: invalid header length)"], proc.stderr
+
+
+# --- `palp-sweep models`: read-only, so it never creates a store -------------------------------------------
+
+@pytest.fixture
+def no_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv", [["list"], ["show", "palp-cat"], ["pull", "palp-cat", "pulled"]])
+def test_models_without_a_store_create_nothing(no_store, capsys, argv):
+    code, _, err = run_main(["models", *argv], capsys)
+    assert_one_line_error(code, err, f"no MLflow store at sqlite:///{no_store / 'mlflow.db'}", "--tracking-uri")
+    assert list(no_store.iterdir()) == []
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("file://{tmp}/mlruns", "no folder {tmp}/mlruns"),
+    ("{tmp}/mlruns", "no folder {tmp}/mlruns"),
+    ("sqlite:///{tmp}/other.db", "{tmp}/other.db does not exist"),
+])
+def test_models_with_a_missing_local_store_create_nothing(no_store, capsys, uri, expected):
+    code, _, err = run_main(["models", "--tracking-uri", uri.format(tmp=no_store), "list"], capsys)
+    assert_one_line_error(code, err, expected.format(tmp=no_store))
+    assert list(no_store.iterdir()) == []
+
+
+def test_models_store_that_is_not_a_database(no_store, capsys):
+    (no_store / "mlflow.db").write_text("hello")
+    code, _, err = run_main(["models", "list"], capsys)
+    assert_one_line_error(code, err, f"{no_store / 'mlflow.db'}: not an MLflow store (not an SQLite database)")
+    assert (no_store / "mlflow.db").read_text() == "hello"
+
+
+@pytest.mark.parametrize("target", ["file", "file/sub"])
+def test_models_pull_onto_a_file(no_store, capsys, target):
+    (no_store / "file").write_text("keep")
+    code, _, err = run_main(["models", "pull", "palp-cat", target], capsys)
+    assert_one_line_error(code, err, f"pull {target}: ", "give a folder")
+    assert sorted(p.name for p in no_store.iterdir()) == ["file"]
+
+
+def test_models_module_in_an_empty_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "models", "list"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and "no MLflow store" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_models_list_reads_an_existing_store(no_store, capsys):
+    from mlflow import MlflowClient
+    MlflowClient(f"sqlite:///{no_store / 'mlflow.db'}").search_experiments()  # what a sweep here leaves behind
+    code, out, err = run_main(["models", "list"], capsys)
+    assert code == 0 and "no registered models" in out

@@ -1,12 +1,16 @@
 """Subject images: cropping, the latent cache, the draw, and one-line errors naming the file."""
 
+import os
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from palp_trainer.data import DataError, SubjectLatents, list_images, load_image
+from palp_trainer.data import DataError, SubjectLatents, list_images, load_image, read_image
+from palp_trainer.evaluate import reference_images
 from palp_trainer.models import load_base
-from tests.conftest import write_images
+from tests.conftest import tiny_config, write_bad_image, write_images
 
 
 def test_resize_and_center_crop(tmp_path):
@@ -54,3 +58,52 @@ def test_latent_cache_and_uniform_subject_draw(tmp_path):
     assert abs(share_b - 0.5) < 0.05  # uniform over subjects, though b has 1 image of 4
     idx = data.draw(torch.Generator().manual_seed(0), 4000, uniform_subjects=False)
     assert abs((data.subject[idx] == 1).float().mean().item() - 0.25) < 0.05  # union of images
+
+
+@pytest.mark.filterwarnings("error")  # no DecompressionBombWarning gets out: it is the error
+@pytest.mark.parametrize("kind, match", [
+    ("truncated_jpeg", "unreadable image .*bad.jpg: image file is truncated"),
+    ("truncated_png", "unreadable image .*bad.png: image file is truncated"),
+    ("lying_png", "unreadable image .*bad.png"),
+    ("bomb_png", "image .*bad.png is too large to decode: .*400000000 pixels"),
+    ("big_png", "image .*bad.png is too large to decode: .*100000000 pixels"),  # PIL only warns here
+])
+def test_images_that_open_but_do_not_decode_name_the_file(tmp_path, kind, match):
+    path = write_bad_image(tmp_path / "bad", kind)
+    if kind not in ("bomb_png", "big_png"):
+        with Image.open(path):  # the header reads: only decoding the pixels finds these
+            pass
+    with pytest.raises(DataError, match=match):
+        load_image(path, 32)
+
+
+def test_16_bit_grey_png_keeps_its_values(tmp_path):
+    grey = (np.arange(40 * 48, dtype=np.uint32).reshape(48, 40) * 34).astype(np.uint16)  # 0 .. 65246
+    path = tmp_path / "grey16.png"
+    Image.fromarray(grey).save(path)
+    with Image.open(path) as im:
+        assert im.mode == "I;16"  # convert("RGB") would clip every value above 255: a white image
+    rgb = np.asarray(read_image(path))
+    assert rgb.shape == (48, 40, 3) and (rgb == rgb[..., :1]).all()
+    assert np.abs(rgb[..., 0].astype(int) - np.round(grey / 257)).max() == 0
+    assert rgb.min() == 0 and rgb.max() == 254
+    x = load_image(path, 40)  # the trainer's path: the short side is 40, so no resampling
+    assert torch.allclose(x[0], torch.from_numpy(np.round(grey / 257)[4:44] / 127.5 - 1).float(), atol=1e-6)
+    # evaluation's reference images are read the same way
+    [[ref]] = reference_images(tiny_config([path], tmp_path, resolution=40))
+    assert np.array_equal(np.asarray(ref), rgb[4:44])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    Image.new("RGB", (48, 40), (200, 10, 10)).save(path, exif=exif)
+    assert read_image(path).size == (40, 48)
+
+
+def test_a_path_that_is_neither_file_nor_folder(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="pipe.png is neither a file nor a folder"):
+        list_images(fifo)
