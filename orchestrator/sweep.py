@@ -3,7 +3,9 @@
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import ray
@@ -233,13 +235,15 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
           f"  mlflow:  {mask(uri)}")
     resume_hint = "palp-sweep " + " ".join([recipe_path or "RECIPE", *overrides, "--resume"])
     client = MlflowClient(uri)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)  # `ray job stop`, a batch scheduler: like a second Ctrl-C
     try:
         results = build_tuner(recipe, storage, resume, tracking).fit()  # Ctrl-C: Tune stops and saves state
         report_dir = (Path(storage) if not is_remote(storage) else Path.cwd() / "runs") / recipe.name / "report"
         summary, failed = summarize(recipe, results, report_dir)
         unfinished = record_outcomes(tracking, summary, trial_statuses(experiment), max(recipe.search.steps))
         client.log_artifacts(tracking.parent_run_id, str(report_dir), "report")
-    except KeyboardInterrupt:  # a second Ctrl-C while Tune was stopping
+    except KeyboardInterrupt:  # SIGTERM, or a second Ctrl-C while Tune was stopping
         close_open_children(tracking, "KILLED", "interrupted: resume with --resume")
         end_run(client, tracking.parent_run_id, "KILLED", "interrupted")
         print(f"\npalp-sweep: interrupted; nothing registered. Resume with: {resume_hint}", file=sys.stderr)
@@ -266,6 +270,10 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
         print("palp-sweep: pairs with no finished trial: " + " | ".join(failed))
         return 1
     return 0
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _nan(x) -> bool:

@@ -44,7 +44,9 @@ def start_sweep(tmp_path: Path, *overrides: str, uri: str | None = None, resume:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     log = tmp_path / f"sweep-{time.monotonic_ns()}.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+        # its own session, as a command typed in a terminal is its own process group
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     proc.log = log
     STARTED.append(proc)
     return proc
@@ -142,7 +144,7 @@ def test_sigint_exits_130_registers_nothing_and_resume_completes(tmp_path):
     steps = "search.steps=[4,400]"  # long enough to be interrupted mid-trial
     sweep = start_sweep(tmp_path, steps)
     wait_for(reached(tmp_path, 10), what="step 10")
-    sweep.send_signal(signal.SIGINT)
+    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
     code, out = finish(sweep)
     assert code == 130, out[-3000:]
     hint = out.strip().splitlines()[-1]
@@ -159,6 +161,18 @@ def test_sigint_exits_130_registers_nothing_and_resume_completes(tmp_path):
     assert [p.info.status for p in parents] == ["FINISHED"]  # the resumed sweep continued its own parent
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     assert len(versions(uri)) == 1
+
+
+def test_sigterm_ends_the_sweep_as_killed_with_nothing_left_running(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = start_sweep(tmp_path, "search.steps=[4,400]")
+    wait_for(reached(tmp_path, 10), what="step 10")
+    sweep.terminate()  # what `ray job stop` sends the job's driver
+    code, out = finish(sweep, timeout=60)
+    assert code == 130, out[-3000:]
+    parents, children = runs(uri)
+    assert [p.info.status for p in parents] == ["KILLED"] and children
+    assert {c.info.status for c in children} <= {"KILLED", "FINISHED"} and versions(uri) == []
 
 
 def test_killed_driver_then_resume_leaves_no_run_running_and_registers_once(tmp_path):

@@ -39,7 +39,7 @@ def mlflow_server(tmp_path_factory):
          "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
-    for _ in range(120):
+    for _ in range(360):
         try:
             urllib.request.urlopen(uri + "/health", timeout=1)
             break
