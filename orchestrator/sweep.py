@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from .connect import check_feasible, connect, resolve_address
 from .recipe import Recipe, RecipeError
 from .registry import register_best
 from .search_space import param_space
@@ -160,13 +161,12 @@ def print_summary(recipe: Recipe, summary: dict) -> None:
 
 
 def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = None,
-              overrides: tuple[str, ...] = ()) -> int:
+              overrides: tuple[str, ...] = (), address: str | None = None) -> int:
     storage = resolve_storage(recipe.storage_path)
     uri = resolve_tracking_uri(recipe.mlflow.tracking_uri, storage, in_job=in_job_working_dir())
     preflight(uri, nodes=1)  # unreachable or misconfigured: exit 2 before Ray starts
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    connect(resolve_address(address), env_vars={"TOKENIZERS_PARALLELISM": "false"})
+    check_feasible(recipe)  # a trial no node can ever hold: exit 2 now, not a worker group retried forever
     preflight(uri, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
     tracking = start_sweep(uri, recipe, recipe_path, storage, overrides)
     print(f"palp-sweep: {recipe.name}: {len(recipe.pair_ids())} pair(s)\n  storage: {storage}\n  mlflow:  {uri}")
