@@ -41,14 +41,14 @@ def resolve_address(flag: str | None) -> str:
     return flag or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def connect(address: str, env_vars: dict[str, str]) -> str:
-    """Start ("local") or join (host:port, "auto") a cluster; return its GCS address.
+def connect(address: str, env_vars: dict[str, str]) -> None:
+    """Start ("local") or join (host:port, "auto") a cluster.
 
-    Every process of the cluster started for this job gets RAY_ADDRESS = that address (and `env_vars`).
+    Every process of the cluster started for this job gets RAY_ADDRESS = its GCS address (and `env_vars`).
     Raises RecipeError, one line naming the address, when nothing usable answers there.
     """
     if ray.is_initialized():  # a second sweep in one process (tests, --resume after a run)
-        return ray.get_runtime_context().gcs_address
+        return
     if address == "local":
         port = _free_port()
         # the only way to know a local head's GCS address before ray.init, which fixes the runtime_env
@@ -58,12 +58,11 @@ def connect(address: str, env_vars: dict[str, str]) -> str:
             ray.init(address="local", log_to_driver=True, runtime_env=_runtime_env(gcs, env_vars))
         finally:
             del os.environ["RAY_GCS_SERVER_PORT"]
-        return gcs
+        return
     gcs = _gcs_address(address)
     _probe(gcs, address)
     ray.init(address=gcs, log_to_driver=True, runtime_env=_runtime_env(gcs, env_vars))
     os.environ["RAY_ADDRESS"] = gcs  # this driver's own later Ray calls mean this cluster too
-    return gcs
 
 
 def check_feasible(recipe: Recipe) -> None:
