@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -46,10 +47,14 @@ def test_ray_job_submit_smoke_sweep(tmp_path):
         out, _ = head.communicate(timeout=180)
         assert head.returncode == 0, out[-3000:]
         address = f"http://127.0.0.1:{dashboard}"
-        job = subprocess.run(
-            [BIN / "ray", "job", "submit", "--address", address, "--submission-id", "palp-smoke",
-             "--working-dir", str(ROOT), "--", "palp-sweep", "recipes/smoke.yaml", f"storage_path={storage}"],
-            env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(24):  # under load the head's job agent starts after `ray start` returns
+            job = subprocess.run(
+                [BIN / "ray", "job", "submit", "--address", address, "--submission-id", "palp-smoke",
+                 "--working-dir", str(ROOT), "--", "palp-sweep", "recipes/smoke.yaml", f"storage_path={storage}"],
+                env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in job.stderr:
+                break
+            time.sleep(5)
         status = subprocess.run([BIN / "ray", "job", "status", "--address", address, "palp-smoke"],
                                 env=env, capture_output=True, text=True, timeout=60)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
