@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a recipe field, e.g. train.rank=4 search.alpha=[7.5,15] subjects[0].class_word=dog")
     p.add_argument("--dry-run", action="store_true", help="validate, print the trial table and resources; run nothing")
     p.add_argument("--resume", action="store_true", help="continue the sweep stored under storage_path/<name>")
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="the Ray cluster's GCS address (or auto); default: RAY_ADDRESS (set by `ray job submit`), "
+                        "else a local Ray of this sweep's own")
     return p
 
 
@@ -99,7 +102,8 @@ def _sweep(argv: list[str]) -> int:
         return 0
     from .sweep import run_sweep  # imports Ray, MLflow and the trainer
 
-    return run_sweep(recipe, resume=args.resume, recipe_path=args.recipe, overrides=tuple(args.overrides))
+    return run_sweep(recipe, resume=args.resume, recipe_path=args.recipe, overrides=tuple(args.overrides),
+                     address=args.address)
 
 
 def main(argv: list[str] | None = None) -> int:

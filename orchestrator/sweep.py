@@ -16,6 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from palp_trainer.loop import DECISIONS, decision_key
 
+from .connect import check_feasible, connect, resolve_address
 from .recipe import Recipe, RecipeError
 from .registry import register_best
 from .search_space import param_space
@@ -218,7 +219,7 @@ def print_summary(recipe: Recipe, summary: dict) -> None:
 
 
 def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = None,
-              overrides: tuple[str, ...] = ()) -> int:
+              overrides: tuple[str, ...] = (), address: str | None = None) -> int:
     storage = resolve_storage(recipe.storage_path)
     check_storage(storage)
     uri = resolve_tracking_uri(recipe.mlflow.tracking_uri, storage, in_job=in_job_working_dir())
@@ -226,9 +227,8 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
     experiment = os.path.join(storage, recipe.name)
     if resume and not tune.Tuner.can_restore(experiment):
         raise RecipeError(f"--resume: no sweep to resume at {mask(experiment)}")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    connect(resolve_address(address), env_vars={"TOKENIZERS_PARALLELISM": "false"})
+    check_feasible(recipe)  # a trial no node can ever hold: exit 2 now, not a worker group retried forever
     preflight(uri, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
     tracking = start_sweep(uri, recipe, recipe_path, storage, overrides, resume=resume)
     print(f"palp-sweep: {recipe.name}: {len(recipe.pair_ids())} pair(s)\n  storage: {mask(storage)}\n"

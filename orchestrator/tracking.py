@@ -4,6 +4,7 @@ Workers never create runs: a trial's child run is created (or found again, on re
 here, and rank 0 of its Ray Train workers only appends metrics and artifacts to that run id.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import re
 import subprocess
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -70,9 +72,26 @@ def preflight(uri: str, nodes: int) -> None:
         except (urllib.error.URLError, OSError) as e:
             raise TrackingError(f"mlflow.tracking_uri: cannot reach {mask(uri)}: {getattr(e, 'reason', e)}") from None
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        with _creation_lock(uri):
+            MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as e:
         raise TrackingError(f"mlflow.tracking_uri: {mask(uri)} is not usable: {mask(str(e).splitlines()[0])}") from None
+
+
+@contextmanager
+def _creation_lock(uri: str):
+    """Two sweeps started at once in one folder both create its sqlite store, and MLflow's schema
+    migrations then race ("duplicate column name: step"): the first to lock the folder creates it."""
+    parent = Path(uri.removeprefix("sqlite:///")).parent
+    if not uri.startswith("sqlite:///") or not parent.is_dir():  # no folder: MLflow's own error says so
+        yield
+        return
+    folder = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # released with the descriptor
+        yield
+    finally:
+        os.close(folder)
 
 
 def versions() -> dict:

@@ -1,12 +1,17 @@
 """The product's main job as a user runs it: `ray start --head`, `ray job submit -- palp-sweep ...`."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+
+from .ray_procs import session_processes, stop_session
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,21 +35,34 @@ def ray_env() -> dict:
 def test_ray_job_submit_smoke_sweep(tmp_path):
     env, gcs, dashboard = ray_env(), free_port(), free_port()
     storage = tmp_path / "runs"
-    subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                    f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=4",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+    # its own temp dir (short: Ray's socket paths must fit 107 bytes), so its ray_current_cluster does not
+    # replace /tmp/ray's; its own session, so the test stops exactly its processes (`ray stop` stops all)
+    temp_dir = tempfile.mkdtemp(prefix="ray-job-", dir="/tmp")
+    head = subprocess.Popen([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=4",
+                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
+        out, _ = head.communicate(timeout=180)
+        assert head.returncode == 0, out[-3000:]
         address = f"http://127.0.0.1:{dashboard}"
-        job = subprocess.run(
-            [BIN / "ray", "job", "submit", "--address", address, "--submission-id", "palp-smoke",
-             "--working-dir", str(ROOT), "--", "palp-sweep", "recipes/smoke.yaml", f"storage_path={storage}"],
-            env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(24):  # under load the head's job agent starts after `ray start` returns
+            job = subprocess.run(
+                [BIN / "ray", "job", "submit", "--address", address, "--submission-id", "palp-smoke",
+                 "--working-dir", str(ROOT), "--", "palp-sweep", "recipes/smoke.yaml", f"storage_path={storage}"],
+                env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in job.stderr:
+                break
+            time.sleep(5)
         status = subprocess.run([BIN / "ray", "job", "status", "--address", address, "palp-smoke"],
                                 env=env, capture_output=True, text=True, timeout=60)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "palp-smoke' succeeded" in status.stdout  # `ray job status`: SUCCEEDED
     finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_session(head.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not session_processes(head.pid), "processes of the test's Ray head survived"
     # outputs live under storage_path and outlive the job's temporary working dir
     adapters = list(storage.glob("smoke/trials/*/*/adapter/pytorch_lora_weights.safetensors"))
     assert adapters, f"no adapter under {storage}"
