@@ -38,3 +38,27 @@ def test_a_retried_trial_finds_its_child_run(tmp_path):
     assert run.info.run_name == "cat__a-sketch/abc_00000" and run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.params == {"alpha": "7.5", "base_model": "tiny", "pair": "cat__a-sketch"}
     assert len(client.search_runs([experiment])) == 3
+
+
+def test_credentials_in_uris_are_masked_in_what_is_printed():
+    from orchestrator.tracking import mask, reason
+
+    assert mask("https://alice:s3cr3t@mlflow.example.com/api") == "https://alice:***@mlflow.example.com/api"
+    assert mask("postgresql://u:p%40ss@db:5432/mlflow") == "postgresql://u:***@db:5432/mlflow"
+    assert mask("http://127.0.0.1:5000") == "http://127.0.0.1:5000"  # a port is not a password
+    assert mask("s3://bucket/palp") == "s3://bucket/palp"
+    assert reason(RuntimeError("Traceback ...\nConnectionError: https://a:pw@h/x refused")) == \
+        "ConnectionError: https://a:***@h/x refused"
+
+
+def test_preflight_never_prints_the_password(tmp_path):
+    with pytest.raises(TrackingError) as e:
+        preflight(f"http://bob:hunter2@127.0.0.1:{_free_port()}", nodes=1)
+    assert "hunter2" not in str(e.value) and "bob:***@" in str(e.value)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
