@@ -89,7 +89,8 @@ def _errors(capsys) -> list[str]:
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # RAY_ADDRESS: a cluster of its own; MLFLOW_TRACKING_URI: mlflow.set_tracking_uri in an earlier test sets it
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return {**env, "RAY_USAGE_STATS_ENABLED": "0", **extra}
 

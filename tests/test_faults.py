@@ -41,7 +41,7 @@ def start_sweep(tmp_path: Path, *overrides: str, uri: str | None = None, resume:
     uri = uri or f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [sys.executable, "-m", "orchestrator.cli", SMOKE, f"storage_path={tmp_path / 'runs'}",
             f"mlflow.tracking_uri={uri}", *overrides] + (["--resume"] if resume else [])
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}  # its own Ray
     log = tmp_path / f"sweep-{time.monotonic_ns()}.log"
     with open(log, "w") as f:
         # its own session, as a command typed in a terminal is its own process group

@@ -25,7 +25,8 @@ def free_port() -> int:
 
 
 def ray_env() -> dict:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # an earlier test's server
+    env.update(PATH=f"{BIN}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0")
     # Ray 2.60 token auth: once a token exists under ~/.ray, clients get HTTP 401 unless they use it
     if (Path.home() / ".ray" / "auth_token").exists():
         env["RAY_AUTH_MODE"] = "token"
