@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -233,7 +234,7 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
     tracking = start_sweep(uri, recipe, recipe_path, storage, overrides, resume=resume)
     print(f"palp-sweep: {recipe.name}: {len(recipe.pair_ids())} pair(s)\n  storage: {mask(storage)}\n"
           f"  mlflow:  {mask(uri)}")
-    resume_hint = "palp-sweep " + " ".join([recipe_path or "RECIPE", *overrides, "--resume"])
+    resume_hint = "palp-sweep " + shlex.join([recipe_path or "RECIPE", *overrides, "--resume"])
     client = MlflowClient(uri)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)  # `ray job stop`, a batch scheduler: like a second Ctrl-C
