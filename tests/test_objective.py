@@ -235,7 +235,7 @@ def test_b_pretrained_branch_ignores_lora_and_placeholders(subject_images, tmp_p
     with torch.no_grad():
         for p in lora:
             p.mul_(3.0).add_(0.1)
-        embedding.rows.add_(1.0)
+        embedding.rows.add_(torch.randn_like(embedding.rows))  # a constant shift would vanish in LayerNorm
     after = task.pretrained(x, t, task.empty_enc, task.clean_enc)
     # and it is the untouched base model: a fresh tiny UNet with no adapter at all
     fresh = load_base("tiny")
