@@ -54,9 +54,10 @@ class Rig:
 def rig(tmp_path_factory) -> Rig:
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("objective")
-    # two subjects, so each sample's y_P must follow its own subject
-    subjects = (SubjectSpec("cat", "[V1]", "cat", write_images(d / "cat", 2, seed=0), "A photo of [V1]"),
-                SubjectSpec("mug", "[V2]", "mug", write_images(d / "mug", 2, seed=1), "An oil painting of [V2]"))
+    # two subjects, so each sample's y_P must follow its own subject; 3 images and 1, so that drawing a subject
+    # first (uniform) and drawing from the union of the images differ
+    subjects = (SubjectSpec("cat", "[V1]", "cat", write_images(d / "cat", 3, seed=0), "A photo of [V1]"),
+                SubjectSpec("mug", "[V2]", "mug", write_images(d / "mug", 1, seed=1), "An oil painting of [V2]"))
     config = tiny_config((), d, subjects=subjects, target_prompt="A sketch of [V1] and [V2]",
                          clean_prompt="A sketch of cat and mug")
     base, embedding, lora = build(config, DEVICE)
@@ -180,6 +181,12 @@ def test_make_batch_draws_t_in_range_and_the_alignment_noise(rig, same_noise):
     half = task.make_batch(torch.Generator().manual_seed(1), rig.data, 4, rank=1, world_size=2)
     for k in whole:
         torch.testing.assert_close(half[k], whole[k][2:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampling, mug_share", [("uniform", 1 / 2), ("union", 1 / 4)])
+def test_subject_sampling_uniform_over_subjects_or_over_the_union(rig, sampling, mug_share):
+    batch = rig.task(subject_sampling=sampling).make_batch(torch.Generator().manual_seed(0), rig.data, 2000)
+    assert abs((batch["subject"] == 1).float().mean().item() - mug_share) < 0.04  # 4 sigma at n = 2000
 
 
 def adapters_on(unet) -> bool:
