@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-faults bench quality world-base judge clean
+.PHONY: demo test test-faults bench quality world-base judge mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,20 @@ test-faults: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_bench.py --tiny
+
+# Mutation testing of the objective (docs/mutation.md): files in pyproject's [tool.mutmut]; the score counts
+# losses.py and the loss code of task.py (the step, its UNet branches, the batch's noise and t), not the
+# CUDA-graph, autocast and FastPaths plumbing. ~30 min on 2 cores.
+MUTATE := 'palp_trainer.losses.*' 'palp_trainer.task.x_tokenize__*' 'palp_trainer.task.x*PalpModel*forward__*' \
+	$(foreach f,make_batch aligns_at training_step loss_terms alignment_branch pretrained folded personalized,\
+	'palp_trainer.task.x*PalpTask*$(f)__*')
+
+mutation: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,mutation]'
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2 $(MUTATE)
+	$(BIN)/mutmut results
+	$(BIN)/python scripts/hand_mutations.py
 
 # the committed world base and judge are what these write; rerunning continues from runs/world-pretrain
 world-base: $(STAMP)

@@ -223,34 +223,36 @@ class PalpTask:
         return torch.cuda.make_graphed_callables(step, tuple(a.clone() for a in args), allow_unused_input=True,
                                                  pool=self.graph_pool)
 
-    @torch.no_grad()  # the alignment branch needs no backward of its own (Eq. 7)
     def alignment_branch(self, x0_hat: torch.Tensor, batch: dict[str, torch.Tensor],
                          prompt_enc: torch.Tensor) -> dict[str, torch.Tensor]:
         """UNet calls of the alignment term and its score g (Eq. 4 / 6 / NFSD), all without grad."""
-        cfg = self.config
-        t, eps_align = batch["t"], batch["eps_align"]
-        alpha_bar = self.alphas_cumprod[t]
-        x_hat_t = losses.add_noise(x0_hat.detach(), eps_align, alpha_bar)  # re-noise x̂_0, same t
-        weight = losses.timestep_weight(alpha_bar, cfg.rescale)
-        weight = weight * ((t >= cfg.align_t_range[0]) & (t < cfg.align_t_range[1]))
-        out = {}
-        if cfg.alignment == "palp" and self.fast.fold_alignment:
-            uncond, cond, out["personalized"] = self.folded(x_hat_t, t, prompt_enc.detach())
-            out["pretrained"] = losses.cfg(uncond, cond, cfg.alpha)
+        # no grad: the alignment branch needs no backward of its own (Eq. 7). A `with`, not a decorator, so
+        # mutation testing (mutmut skips decorated functions) reaches this body: docs/mutation.md
+        with torch.no_grad():
+            cfg = self.config
+            t, eps_align = batch["t"], batch["eps_align"]
+            alpha_bar = self.alphas_cumprod[t]
+            x_hat_t = losses.add_noise(x0_hat.detach(), eps_align, alpha_bar)  # re-noise x̂_0, same t
+            weight = losses.timestep_weight(alpha_bar, cfg.rescale)
+            weight = weight * ((t >= cfg.align_t_range[0]) & (t < cfg.align_t_range[1]))
+            out = {}
+            if cfg.alignment == "palp" and self.fast.fold_alignment:
+                uncond, cond, out["personalized"] = self.folded(x_hat_t, t, prompt_enc.detach())
+                out["pretrained"] = losses.cfg(uncond, cond, cfg.alpha)
+                out["score"] = losses.palp_score(out["pretrained"], out["personalized"], weight)
+                return out
+            if cfg.alignment == "nfsd":
+                uncond, cond, negative = self.pretrained(x_hat_t, t, self.empty_enc, self.clean_enc, self.negative_enc)
+                out["score"] = losses.nfsd_score(uncond, cond, negative, t, cfg.alpha, weight)
+                return out
+            uncond, cond = self.pretrained(x_hat_t, t, self.empty_enc, self.clean_enc)
+            out["pretrained"] = losses.cfg(uncond, cond, cfg.alpha)  # G^α_θ(x̂_t, y^c), LoRA off
+            if cfg.alignment == "sds":
+                out["score"] = losses.sds_score(out["pretrained"], eps_align, weight)
+                return out
+            out["personalized"] = self.personalized(x_hat_t, t, prompt_enc.detach())  # G^β_θLoRA(x̂_t, y_P)
             out["score"] = losses.palp_score(out["pretrained"], out["personalized"], weight)
             return out
-        if cfg.alignment == "nfsd":
-            uncond, cond, negative = self.pretrained(x_hat_t, t, self.empty_enc, self.clean_enc, self.negative_enc)
-            out["score"] = losses.nfsd_score(uncond, cond, negative, t, cfg.alpha, weight)
-            return out
-        uncond, cond = self.pretrained(x_hat_t, t, self.empty_enc, self.clean_enc)
-        out["pretrained"] = losses.cfg(uncond, cond, cfg.alpha)  # G^α_θ(x̂_t, y^c), LoRA off
-        if cfg.alignment == "sds":
-            out["score"] = losses.sds_score(out["pretrained"], eps_align, weight)
-            return out
-        out["personalized"] = self.personalized(x_hat_t, t, prompt_enc.detach())  # G^β_θLoRA(x̂_t, y_P)
-        out["score"] = losses.palp_score(out["pretrained"], out["personalized"], weight)
-        return out
 
     def pretrained(self, x: torch.Tensor, t: torch.Tensor, *encodings: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Pre-trained UNet (LoRA off) on each constant prompt encoding: one call per encoding, or one

@@ -3,11 +3,17 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from palp_trainer.config import EvalConfig
-from palp_trainer.evaluate import evaluate_adapter, generate, pipeline_from
+from palp_trainer.evaluate import evaluate_adapter, generate, pipeline_from, save_grid
 from palp_trainer.loop import build
 from tests.conftest import tiny_config
+
+
+# LoRA entries this large move the tiny model's 32 px images by ~5.5 of 255 on average (0.05: by 0.4, under the
+# bf16 test's 2.0 tolerance, so sampling with the LoRA off passed it)
+LORA_SCALE = 0.2
 
 
 def trained_like(config, seed):
@@ -16,7 +22,7 @@ def trained_like(config, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in lora:
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            p.copy_(LORA_SCALE * torch.randn(p.shape, generator=g))
         embedding.rows.add_(0.1 * torch.randn(embedding.rows.shape, generator=g))
     return base
 
@@ -37,11 +43,38 @@ def test_equal_weights_and_seeds_give_identical_images_across_trials(subject_ima
 def test_evaluate_adapter_reports_scores_grid_and_cost(subject_images, tmp_path):
     config = tiny_config(subject_images, tmp_path, eval=EvalConfig(clip_model="tiny", num_images=3, steps=2,
                                                                      batch_size=2))
-    metrics = evaluate_adapter(config, trained_like(config, 0), 7, tmp_path / "samples")
+    base = trained_like(config, 0)
+    metrics = evaluate_adapter(config, base, 7, tmp_path / "samples")
     assert {"clip_t", "clip_i", "composite", "eval_seconds", "samples"} <= set(metrics)
     assert metrics["samples"].endswith("step-000007.png")
     assert 0 < metrics["eval_sample_seconds"] < metrics["eval_seconds"]
-    assert (tmp_path / "samples" / "step-000007.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(tmp_path / "samples" / "step-000007.png") as img:
+        grid = np.asarray(img.convert("RGB"))
+    # the grid holds the live weights' samples: the LoRA and [V] rows on, the eval config's seeds and steps
+    args = (config.target_prompt, (0, 1, 2), 2, 7.5, 2, 32)
+    want = save_grid(generate(pipeline_from(base), *args), tmp_path / "want.png")
+    base.unet.disable_adapters()
+    lora_off = save_grid(generate(pipeline_from(base), *args), tmp_path / "lora_off.png")
+    with Image.open(want) as a, Image.open(lora_off) as b:
+        assert np.array_equal(grid, np.asarray(a.convert("RGB")))
+        assert np.abs(grid.astype(float) - np.asarray(b.convert("RGB"))).mean() > 2.0
+
+
+def test_sampling_uses_the_lora_and_the_placeholder_rows(subject_images, tmp_path):
+    """The sampled images move with the LoRA and the [V] rows well beyond the precision tests' tolerances."""
+    config = tiny_config(subject_images, tmp_path)
+    base = trained_like(config, 0)
+    args = (config.target_prompt, (0, 1), 4, 7.5, 2, 32)
+    on = _pixels(generate(pipeline_from(base), *args))
+    base.unet.disable_adapters()
+    off = _pixels(generate(pipeline_from(base), *args))
+    base.unet.enable_adapters()
+    embedding = base.text_encoder.get_input_embeddings()
+    with torch.no_grad():  # not a constant shift: CLIP's LayerNorms would remove it exactly
+        embedding.rows.add_(torch.randn(embedding.rows.shape, generator=torch.Generator().manual_seed(1)))
+    moved = _pixels(generate(pipeline_from(base), *args))
+    assert np.abs(on - off).mean() > 2.0  # the bf16 test's tolerance, of 255
+    assert np.abs(on - moved).mean() > 2.0
 
 
 def _pixels(images) -> np.ndarray:
@@ -74,6 +107,9 @@ def test_half_precision_sampling_runs_natively_and_stays_as_close_to_fp32_as_aut
     fp32 = _pixels(generate(pipe, *args))
     err_native, err_autocast = np.abs(native - fp32).mean(), np.abs(autocast - fp32).mean()
     assert err_native > 0 and err_native <= max(3 * err_autocast, 2.0), (err_native, err_autocast)  # of 255
+    base.unet.disable_adapters()
+    lora_off = _pixels(generate(pipe, *args))  # what a sampler that dropped the LoRA would give: far outside
+    assert np.abs(lora_off - fp32).mean() > 2 * max(3 * err_autocast, 2.0)
 
 
 @pytest.mark.gpu

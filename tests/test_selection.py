@@ -39,11 +39,21 @@ def test_pareto_front_random_points_against_the_definition():
         assert (i in front) == (not any(dominates(q, p) for q in points))
 
 
-def assert_png(path):
+def assert_png(path) -> np.ndarray:
     with open(path, "rb") as f:
         assert f.read(8) == PNG_SIGNATURE
     with Image.open(path) as img:
         assert img.width > 0 and img.height > 0
+        return np.asarray(img.convert("RGB")).astype(int)
+
+
+# matplotlib's tab10: trials, the baseline arm, the front
+BLUE, GRAY, RED = (0x1F, 0x77, 0xB4), (0x7F, 0x7F, 0x7F), (0xD6, 0x27, 0x28)
+
+
+def pixels_of(image: np.ndarray, color) -> int:
+    """How many pixels are drawn in `color` (exactly: markers and lines are filled with it)."""
+    return int((np.abs(image - np.array(color)).max(axis=-1) <= 2).sum())
 
 
 def test_plot_pareto_writes_a_png(tmp_path):
@@ -54,7 +64,14 @@ def test_plot_pareto_writes_a_png(tmp_path):
             {"trial_id": "failed", "clip_t": NAN, "clip_i": NAN, "alignment": "palp"}]
     path = plot_pareto(rows, tmp_path / "pareto.png", "cat / sketch")
     assert path == tmp_path / "pareto.png"
-    assert_png(path)
+    image = assert_png(path)
+    # trials as blue dots, the baseline as a gray square, the front ringed and joined in red
+    assert pixels_of(image, BLUE) > 50 and pixels_of(image, RED) > 50
+    no_baseline = assert_png(plot_pareto(rows[:3], tmp_path / "trials.png", "cat / sketch"))
+    assert pixels_of(image, GRAY) - pixels_of(no_baseline, GRAY) > 100  # the square (text is gray-ish too)
+    # one more trial that dominates all: the front is that point alone, so less red than a 3-point front
+    top = rows + [{"trial_id": "t3", "clip_t": 0.5, "clip_i": 0.9, "alignment": "palp"}]
+    assert pixels_of(assert_png(plot_pareto(top, tmp_path / "top.png", "cat / sketch")), RED) < pixels_of(image, RED)
 
 
 def test_plot_pareto_reads_the_scorers_metrics(tmp_path):
@@ -67,7 +84,8 @@ def test_plot_pareto_reads_the_scorers_metrics(tmp_path):
 
 def test_plot_pareto_with_no_scored_trial(tmp_path):
     rows = [{"trial_id": "failed", "clip_t": NAN, "clip_i": NAN, "alignment": "none"}]
-    assert_png(plot_pareto(rows, str(tmp_path / "pareto.png"), "empty"))
+    image = assert_png(plot_pareto(rows, str(tmp_path / "pareto.png"), "empty"))
+    assert pixels_of(image, BLUE) == pixels_of(image, RED) == 0  # nothing plotted
 
 
 def test_plot_curves_writes_a_png(tmp_path):
@@ -77,7 +95,11 @@ def test_plot_curves_writes_a_png(tmp_path):
         "t2": [],  # failed before its first evaluation
     }
     path = plot_curves(histories, tmp_path / "curves.png", ["clip_t", "clip_i", "composite"])
-    assert_png(path)
-    assert_png(plot_curves({}, tmp_path / "empty.png", ["composite"]))
+    image = assert_png(path)
+    assert pixels_of(image, BLUE) > 100  # t0's lines (the first color), in each panel
+    assert pixels_of(image, (0xFF, 0x7F, 0x0E)) > 20  # t1's (the second)
+    assert image.shape[1] > 2.5 * image.shape[0]  # three panels side by side
+    empty = assert_png(plot_curves({}, tmp_path / "empty.png", ["composite"]))
+    assert pixels_of(empty, BLUE) == 0
     with pytest.raises(ValueError, match="at least one metric"):
         plot_curves(histories, tmp_path / "none.png", [])

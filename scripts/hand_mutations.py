@@ -1,0 +1,73 @@
+"""Apply each hand-written mutation of the objective to a scratch copy, run the objective tests, report.
+
+    python scripts/hand_mutations.py [pytest args...]   (default: tests/test_objective.py)
+
+The mutations are the bugs that once passed the suite (docs/mutation.md); each must now fail a test.
+The working tree is never touched: every mutant runs in its own copy under a temporary folder.
+"""
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOSSES, TASK = "palp_trainer/losses.py", "palp_trainer/task.py"
+
+# (name, file, original text, mutated text): the original must occur exactly once
+MUTATIONS = [
+    ("alignment term's sign flipped", TASK,
+     "terms += (weight * losses.score_distillation(", "terms += (-weight * losses.score_distillation("),
+    ("add_noise's two coefficients swapped", LOSSES,
+     "return a.sqrt() * x0 + (1 - a).sqrt() * eps", "return (1 - a).sqrt() * x0 + a.sqrt() * eps"),
+    ("denoising loss summed, not averaged", LOSSES,
+     "F.mse_loss(eps_pred.float(), eps.float())", "F.mse_loss(eps_pred.float(), eps.float(), reduction=\"sum\")"),
+    ("x̂_0 computed from 0.5·ε̂", TASK,
+     "losses.predict_x0(x_t, eps_pred.float(), alpha_bar)", "losses.predict_x0(x_t, 0.5 * eps_pred.float(), alpha_bar)"),
+    ("λ (align_weight) ignored", TASK,
+     "weight = cfg.align_weight * cfg.align_every", "weight = cfg.align_every"),
+    ("align_t_range mask dropped", TASK,
+     "weight = weight * ((t >= cfg.align_t_range[0]) & (t < cfg.align_t_range[1]))", "pass"),
+    ("denoising loss targets the alignment noise (same_noise off)", TASK,
+     "terms = (losses.denoise(eps_pred, eps),)", "terms = (losses.denoise(eps_pred, eps_align),)"),
+]
+
+
+def copy_project(dst: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           check=True, capture_output=True, text=True).stdout.split()
+    for f in files:
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / f).is_file():
+            shutil.copy2(ROOT / f, dst / f)
+
+
+def main(argv: list[str] | None = None) -> int:
+    tests = (argv if argv is not None else sys.argv[1:]) or ["tests/test_objective.py"]
+    survived = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        copy_project(work)
+        for name, path, old, new in MUTATIONS:
+            source = (work / path).read_text()
+            if source.count(old) != 1:
+                raise SystemExit(f"{name}: {old!r} occurs {source.count(old)} times in {path}; update the mutation")
+            (work / path).write_text(source.replace(old, new))
+            try:
+                run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                     cwd=work, env={"PYTHONPATH": str(work), "PATH": "/usr/bin:/bin"},
+                                     capture_output=True, text=True)
+            finally:
+                (work / path).write_text(source)
+            failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
+            verdict = "killed" if run.returncode == 1 else "SURVIVED" if run.returncode == 0 else f"error {run.returncode}"
+            print(f"{verdict:9} {name}: {failed[0].removeprefix('FAILED ') if failed else ''}", flush=True)
+            if run.returncode != 1:
+                survived.append(name)
+    print(f"{len(MUTATIONS) - len(survived)}/{len(MUTATIONS)} killed")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
