@@ -119,7 +119,7 @@ def train_worker(sweep: subprocess.Popen) -> psutil.Process:
 
 def test_killed_worker_resumes_from_its_checkpoint_and_logs_each_step_once(tmp_path):
     # one arm, reports (with a checkpoint) at 10; killed after it, the worker group restarts from step 10
-    sweep = start_sweep(tmp_path, "search.alignment=palp", "search.steps=[10,300]", "scheduler.type=fifo",
+    sweep = start_sweep(tmp_path, "search.alignment=palp", "search.steps=[10,200]", "scheduler.type=fifo",
                         "eval.methods=[cfg]")
     metrics = wait_for(reached(tmp_path, 15), what="step 15")
     worker = train_worker(sweep)
@@ -127,21 +127,21 @@ def test_killed_worker_resumes_from_its_checkpoint_and_logs_each_step_once(tmp_p
     killed_at = last_step(metrics)
     code, out = finish(sweep)
     assert code == 0, out[-3000:]
-    assert killed_at < 300 and "[FailurePolicy] RETRY" in out  # the kill landed mid-trial: one restart
+    assert killed_at < 200 and "[FailurePolicy] RETRY" in out  # the kill landed mid-trial: one restart
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [m["step"] for m in lines] == list(range(1, 301))  # redone steps written once
+    assert [m["step"] for m in lines] == list(range(1, 201))  # redone steps written once
     seconds = [m["train_seconds"] for m in lines]
     assert all(a <= b for a, b in zip(seconds, seconds[1:]))  # the timer carried on across the restart
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     [child] = runs(uri)[1]
     history = MlflowClient(uri).get_metric_history(child.info.run_id, "denoise_loss")
-    assert sorted(m.step for m in history) == list(range(1, 301))
+    assert sorted(m.step for m in history) == list(range(1, 201))
     assert child.info.status == "FINISHED" and len(versions(uri)) == 1
 
 
 def test_sigint_exits_130_registers_nothing_and_resume_completes(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    steps = "search.steps=[4,400]"  # long enough to be interrupted mid-trial
+    steps = "search.steps=[4,200]"  # long enough to be interrupted mid-trial
     sweep = start_sweep(tmp_path, steps)
     wait_for(reached(tmp_path, 10), what="step 10")
     os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
@@ -165,7 +165,7 @@ def test_sigint_exits_130_registers_nothing_and_resume_completes(tmp_path):
 
 def test_sigterm_ends_the_sweep_as_killed_with_nothing_left_running(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = start_sweep(tmp_path, "search.steps=[4,400]")
+    sweep = start_sweep(tmp_path, "search.steps=[4,200]")
     wait_for(reached(tmp_path, 10), what="step 10")
     sweep.terminate()  # what `ray job stop` sends the job's driver
     code, out = finish(sweep, timeout=60)
@@ -177,18 +177,18 @@ def test_sigterm_ends_the_sweep_as_killed_with_nothing_left_running(tmp_path):
 
 def test_killed_driver_then_resume_leaves_no_run_running_and_registers_once(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sweep = start_sweep(tmp_path, "search.steps=[4,400]")
+    sweep = start_sweep(tmp_path, "search.steps=[4,200]")
     wait_for(reached(tmp_path, 10), what="step 10")
     time.sleep(2)  # Tune saves its experiment state every few seconds
     kill_tree(sweep.pid)  # SIGKILL: no chance to clean up
     sweep.wait(30)
-    code, out = finish(start_sweep(tmp_path, "search.steps=[4,400]", resume=True))
+    code, out = finish(start_sweep(tmp_path, "search.steps=[4,200]", resume=True))
     assert code == 0, out[-3000:]
     parents, children = runs(uri)
     assert [p.info.status for p in parents] == ["FINISHED"]
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     assert len(versions(uri)) == 1
-    code, out = finish(start_sweep(tmp_path, "search.steps=[4,400]", resume=True))  # nothing left to do
+    code, out = finish(start_sweep(tmp_path, "search.steps=[4,200]", resume=True))  # nothing left to do
     assert code == 0 and len(versions(uri)) == 1 and "registered before, not again" in out
 
 
@@ -239,7 +239,7 @@ def test_mlflow_server_outage_mid_sweep_loses_no_metric(tmp_path):
     uri = f"http://127.0.0.1:{port}"
     server = mlflow_server(tmp_path, port)
     try:
-        sweep = start_sweep(tmp_path, "search.alignment=palp", "search.steps=[10,400]", "scheduler.type=fifo",
+        sweep = start_sweep(tmp_path, "search.alignment=palp", "search.steps=[10,200]", "scheduler.type=fifo",
                             "eval.methods=[cfg]", uri=uri)
         wait_for(reached(tmp_path, 15), what="step 15")
         stop_server(server)
@@ -249,7 +249,7 @@ def test_mlflow_server_outage_mid_sweep_loses_no_metric(tmp_path):
         assert code == 0, out[-3000:]
         [child] = runs(uri)[1]
         history = MlflowClient(uri).get_metric_history(child.info.run_id, "denoise_loss")
-        assert sorted(m.step for m in history) == list(range(1, 401))
+        assert sorted(m.step for m in history) == list(range(1, 201))
         assert child.info.status == "FINISHED"
     finally:
         stop_server(server)
