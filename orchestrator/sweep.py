@@ -172,7 +172,9 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
 def trial_statuses(experiment: str) -> dict[str, str]:
     """Tune's own record of each trial, as saved before it stopped its actors: TERMINATED (ran to the end or
     stopped by the scheduler), ERROR, or RUNNING / PENDING / PAUSED (the sweep was interrupted)."""
-    return {t.trial_id: t.status for t in tune.ExperimentAnalysis(experiment).trials}
+    trials = tune.ExperimentAnalysis(experiment).trials
+    # keyed by id and by folder name: a trial that failed before its first report is known by its folder only
+    return {**{Path(t.path).name: t.status for t in trials}, **{t.trial_id: t.status for t in trials}}
 
 
 def record_outcomes(tracking: Tracking, summary: dict, statuses: dict[str, str], last_step: int) -> list[str]:
