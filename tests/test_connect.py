@@ -142,7 +142,7 @@ def test_workers_find_their_own_cluster_beside_another_ray():
         stop_session(other.pid, timeout=10)
 
 
-@pytest.mark.integration
+@pytest.mark.faults  # two whole sweeps: in make test-faults, with the other faults
 def test_two_sweeps_at_once_in_one_folder_both_finish(tmp_path):
     """Each sweep's Ray sees the other's GCS: before the fix, Ray Train's PlacementGroupCleaner failed with
     "Found multiple active Ray instances", the first trial's workers were never freed and the second
@@ -162,7 +162,7 @@ def test_two_sweeps_at_once_in_one_folder_both_finish(tmp_path):
         assert (storage / name / "report" / "summary.json").is_file()
 
 
-@pytest.mark.integration
+@pytest.mark.faults
 def test_a_stale_current_cluster_file_is_ignored(tmp_path):
     """`ray_current_cluster` names a dead head (as a killed `ray start` leaves it): a standalone sweep still
     runs, on a Ray of its own (before: ray.init(address=None) joined the dead address and waited)."""
