@@ -215,7 +215,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     log = None
     if rank == 0 and config.mlflow_run_id:
         from .runlog import RunLog  # MLflow only where a run was handed in
-        log = RunLog(config.mlflow_uri, config.mlflow_run_id, resumed=step > 0)
+        log = RunLog(config.mlflow_uri, config.mlflow_run_id)
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress or rank != 0, desc="palp")
     metrics: dict = {}
     last_eval: dict = {}

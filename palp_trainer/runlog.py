@@ -11,19 +11,18 @@ from mlflow.exceptions import MlflowException
 class RunLog:
     """Buffered metric writes (one batch per flush, not one call per step) plus artifacts.
 
-    `resumed`: the trial restarted from a checkpoint, so the run may already hold steps that are now redone;
-    a (metric, step) already in the run is not logged again. A flush that cannot reach the tracking server
+    A restarted trial (from a checkpoint, or from step 0 when it died before its first checkpoint was
+    committed) redoes steps its run may already hold: a (metric, step) already in the run is not logged again. A flush that cannot reach the tracking server
     keeps its metrics for the next one; the final flush raises, so nothing is lost without a failed trial."""
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 50, resumed: bool = False):
+    def __init__(self, uri: str, run_id: str, flush_every: int = 50):
         self.client = MlflowClient(uri)
         self.run_id = run_id
         self.flush_every = flush_every
         self.pending: list[Metric] = []
         self.logged: dict[str, int] = {}  # metric -> last step the run already holds
-        if resumed:
-            for key in self.client.get_run(run_id).data.metrics:
-                self.logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
+        for key in self.client.get_run(run_id).data.metrics:  # none for a new run
+            self.logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
 
     def metrics(self, step: int, values: dict) -> None:
         now = int(time.time() * 1000)

@@ -121,6 +121,8 @@ def test_killed_worker_resumes_from_its_checkpoint_and_logs_each_step_once(tmp_p
     # one arm, reports (with a checkpoint) at 10; killed after it, the worker group restarts from step 10
     sweep = start_sweep(tmp_path, "search.alignment=palp", "search.steps=[10,200]", "scheduler.type=fifo",
                         "eval.methods=[cfg]")
+    checkpoints = tmp_path / "runs" / "smoke" / "train"
+    wait_for(lambda: list(checkpoints.glob("train-*/checkpoint_*")), what="the step-10 checkpoint")
     metrics = wait_for(reached(tmp_path, 15), what="step 15")
     worker = train_worker(sweep)
     worker.kill()

@@ -144,6 +144,7 @@ def test_out_of_memory_fails_with_what_to_lower(subject_images, tmp_path, monkey
 
 
 def test_runlog_after_a_restart_skips_the_steps_the_run_already_holds(tmp_path):
+    """Also after a restart from step 0 (the worker died before its first checkpoint was committed)."""
     from mlflow import MlflowClient
 
     from palp_trainer.runlog import RunLog
@@ -155,7 +156,7 @@ def test_runlog_after_a_restart_skips_the_steps_the_run_already_holds(tmp_path):
     for step in (1, 2, 3):
         first.metrics(step, {"loss": float(step)})
     first.flush()
-    again = RunLog(uri, run_id, resumed=True)  # restarted from a step-1 checkpoint: steps 2 and 3 redone
+    again = RunLog(uri, run_id)  # restarted from a step-1 checkpoint: steps 2 and 3 redone
     for step in (2, 3, 4):
         again.metrics(step, {"loss": 10.0 * step, "clip_t": 0.5})
     again.flush()
