@@ -22,9 +22,9 @@ from .recipe import Recipe, RecipeError
 from .registry import register_best
 from .search_space import param_space
 from .selection import pareto_front, plot_curves, plot_pareto
-from .tracking import (ERROR_TAG, STOPPED_TAG, Tracking, close_open_children, end_run, mask, preflight, reason,
+from .tracking import (STOPPED_TAG, Tracking, close_open_children, end_run, fail_run, mask, preflight, reason,
                        resolve_tracking_uri, start_sweep)
-from .trial import is_remote, run_trial
+from .trial import is_remote, run_trial, scheduler_key
 
 INTERRUPTED = 130  # the shell's code for a Ctrl-C'd command
 
@@ -87,14 +87,14 @@ class PublishingASHA(ASHAScheduler):
     """ASHA that publishes each decision where the trial's workers wait for it after a milestone, so a trial
     it stops stops training at that milestone (train_loop's scheduler_decision)."""
 
-    def __init__(self, sweep_key: str, **kwargs):
+    def __init__(self, recipe_name: str, **kwargs):
         super().__init__(**kwargs)
-        self.sweep_key = sweep_key
+        self.recipe_name = recipe_name
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         if "step" in result:
-            internal_kv._internal_kv_put(decision_key(f"{self.sweep_key}/{trial.trial_id}", result["step"]),
+            internal_kv._internal_kv_put(decision_key(scheduler_key(self.recipe_name, trial.trial_id), result["step"]),
                                          decision.encode(), namespace=DECISIONS)
         return decision
 
@@ -133,6 +133,7 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
     metric, sign = recipe.scheduler.metric, (1 if recipe.scheduler.mode == "max" else -1)
     keys = score_keys(recipe)
     text, subject = recipe.eval.metric_names
+    last_step = max(recipe.search.steps)
     pairs: dict[str, list] = {p: [] for p in recipe.pair_ids()}
     for result in results:
         m = result.metrics or {}
@@ -151,7 +152,7 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
     for pair, trials in pairs.items():
         rows = [r for r, _ in trials]
         # registrable: trials that ran to the last step (an early-stopped trial has no final adapter)
-        ok = [r for r in rows if r["error"] is None and r["step"] == max(recipe.search.steps) and not _nan(r[metric])]
+        ok = [r for r in rows if r["error"] is None and r["step"] == last_step and not _nan(r[metric])]
         for i in pareto_front([(r[text], r[subject]) for r in rows]):
             rows[i]["pareto"] = True
         best = max(ok, key=lambda r: sign * r[metric]) if ok else None
@@ -189,8 +190,7 @@ def record_outcomes(tracking: Tracking, summary: dict, statuses: dict[str, str],
             if run_id is None:
                 continue  # never started
             if row["error"] is not None or status == "ERROR":
-                why = row["error"] or "error"
-                end_run(client, run_id, "FAILED", f"failed: {why}", **{ERROR_TAG: why})
+                fail_run(client, run_id, row["error"] or "error")
             elif status != "TERMINATED":
                 end_run(client, run_id, "KILLED", "interrupted: resume with --resume")
             elif row["step"] is not None and row["step"] < last_step:
@@ -252,8 +252,9 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
         print(f"\npalp-sweep: interrupted; nothing registered. Resume with: {resume_hint}", file=sys.stderr)
         return INTERRUPTED
     except BaseException as e:
-        close_open_children(tracking, "FAILED", f"the sweep failed: {reason(e)}")
-        end_run(client, tracking.parent_run_id, "FAILED", f"failed: {reason(e)}", **{ERROR_TAG: reason(e)})
+        why = reason(e)
+        close_open_children(tracking, "FAILED", f"the sweep failed: {why}")
+        fail_run(client, tracking.parent_run_id, why)
         raise
     print_summary(recipe, summary)
     print(f"\nsummary: {report_dir / 'summary.json'}")

@@ -192,6 +192,11 @@ def end_run(client: MlflowClient, run_id: str, status: str, note: str | None = N
     client.set_terminated(run_id, status)
 
 
+def fail_run(client: MlflowClient, run_id: str, why: str) -> None:
+    """FAILED, with the reason in the note and in the ERROR_TAG tag."""
+    end_run(client, run_id, "FAILED", f"failed: {why}", **{ERROR_TAG: why})
+
+
 def close_open_children(tracking: Tracking, status: str, note: str) -> int:
     """Every child run of this sweep still RUNNING ends with `status`: nothing stays RUNNING."""
     client = MlflowClient(tracking.uri)

@@ -15,11 +15,16 @@ from palp_trainer.loop import train_loop
 
 from .recipe import Recipe
 from .search_space import train_config
-from .tracking import ERROR_TAG, Tracking, end_run, reason
+from .tracking import Tracking, end_run, fail_run, reason
 
 
 NOT_PARAMS = {"subjects", "eval", "output_dir", "progress", "mlflow_uri", "mlflow_run_id", "resume_from",
               "scheduler_key"}
+
+
+def scheduler_key(recipe_name: str, trial_id: str) -> str:
+    """Where the early-stopping scheduler publishes its decisions on a trial (loop.scheduler_decision)."""
+    return f"{recipe_name}/{trial_id}"
 
 
 def is_remote(path: str) -> bool:
@@ -54,7 +59,7 @@ def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Trackin
     knobs = {k: v for k, v in config.to_dict().items() if k not in NOT_PARAMS}
     run_id = tracking.child_run(params["pair"], trial_id, knobs)
     config = replace(config, mlflow_uri=tracking.uri, mlflow_run_id=run_id,
-                     scheduler_key=f"{recipe.name}/{trial_id}" if recipe.scheduler.type == "asha" else None)
+                     scheduler_key=scheduler_key(recipe.name, trial_id) if recipe.scheduler.type == "asha" else None)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config.to_dict(),
@@ -73,6 +78,6 @@ def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Trackin
     try:
         trainer.fit()
     except Exception as e:
-        end_run(MlflowClient(tracking.uri), run_id, "FAILED", f"failed: {reason(e)}", **{ERROR_TAG: reason(e)})
+        fail_run(MlflowClient(tracking.uri), run_id, reason(e))
         raise
     end_run(MlflowClient(tracking.uri), run_id, "FINISHED")
