@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-faults bench quality world-base judge mutation clean
+.PHONY: demo test test-faults test-cluster bench quality world-base judge mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 # killed workers, Ctrl-C, a killed driver, divergence, an MLflow outage: docs/faults.md
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m faults
+
+# several Ray nodes on this machine, S3 on 127.0.0.1, an MLflow server with S3 artifacts: docs/cluster.md
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_bench.py --tiny
