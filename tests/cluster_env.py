@@ -9,9 +9,12 @@ machine is touched, and nothing is left running.
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -38,6 +41,21 @@ def wait_for(check, what: str, timeout: float = 120.0) -> None:
             pass
         time.sleep(0.3)
     raise TimeoutError(f"{what} did not come up in {timeout:.0f} s")
+
+
+def ray_env() -> dict:
+    """For every process of a test cluster: our venv's `ray` first, no usage stats, and no token auth (Ray 2.60
+    turns it on when ~/.ray holds a token, and a process that imported Ray before cannot turn it on later)."""
+    return {"PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def _answers(url: str) -> bool:
+    """An HTTP server answers at `url` (401 included: Ray's dashboard with token auth)."""
+    try:
+        urllib.request.urlopen(url, timeout=2)
+    except urllib.error.HTTPError:
+        pass
+    return True
 
 
 def _listening(port: int) -> bool:
@@ -112,15 +130,17 @@ class RayCluster:
     holds an actor (`node_of`) and lose exactly that one (`kill_node`)."""
 
     def __init__(self, workdir: Path, env: dict, head_cpus: float = 1):
-        self.workdir, self.env = workdir, {**os.environ, **env}
+        self.workdir, self.env = workdir, {**os.environ, **ray_env(), **env}
+        # its own temp dir (short: Ray's socket paths must fit 107 bytes), so its ray_current_cluster
+        # does not replace /tmp/ray's
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-cl-", dir="/tmp")
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.nodes: dict[int, Session] = {}
         self._start(0, ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
                         "--dashboard-port", str(self.dashboard_port)], head_cpus)
-        wait_for(lambda: urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2).status == 200,
-                 "Ray dashboard", timeout=180)
+        wait_for(lambda: _answers(f"{self.dashboard}/api/version"), "Ray dashboard", timeout=180)
 
     def add_node(self, cpus: float = 1) -> int:
         i = max(self.nodes) + 1
@@ -129,7 +149,7 @@ class RayCluster:
 
     def _start(self, i: int, args: list[str], cpus: float) -> None:
         self.nodes[i] = Session([str(BIN / "ray"), "start", "--block", *args, "--num-cpus", str(cpus),
-                                 "--node-ip-address", "127.0.0.1", "--resources", json.dumps({f"node_{i}": 1}),
+                                 "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir, "--resources", json.dumps({f"node_{i}": 1}),
                                  "--disable-usage-stats"], self.env, self.workdir / f"ray-node-{i}.log")
 
     def alive_nodes(self) -> list[int]:
@@ -142,6 +162,7 @@ class RayCluster:
         """Connects this process to the cluster (once) and waits until `count` nodes are alive."""
         import ray
         if not ray.is_initialized():
+            os.environ.update(ray_env())
             ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
         wait_for(lambda: len(self.alive_nodes()) >= count, f"{count} Ray nodes", timeout)
 
@@ -169,5 +190,6 @@ class RayCluster:
         import ray
         if ray.is_initialized():
             ray.shutdown()
-        for i in sorted(self.nodes, reverse=True):  # workers first, the head last
-            self.nodes.pop(i).stop()
+        for i in sorted(self.nodes, reverse=True):  # workers first, the head last; no 30 s drain each
+            self.kill_node(i)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
