@@ -29,7 +29,10 @@ import yaml
 from .recipe import Recipe, RecipeError, Resources
 
 PROBE_TIMEOUT_S = 5.0  # TCP connect; then the GCS handshake, ~12 s at most when something else listens
-TRIAL_ACTOR_CPU = 0.01  # the Tune trial actor's share (sweep.build_tuner), on some node next to the workers
+# The Tune trial actor (and the Train controller Ray puts next to it) only waits on its worker group: it takes
+# no CPU and lives on the head, where the driver is, so losing a worker node loses workers only (Ray Train
+# restarts them from the last checkpoint), never a trial's coordinator
+TRIAL_ACTOR = {"CPU": 0, "node:__internal_head__": 0.001}
 # `ray up` writes the cluster launcher's config here on the head, and its autoscaler reads it
 # (`ray start --autoscaling-config=~/ray_bootstrap_config.yaml`); Tune checks the same file
 # (ray/tune/execution/cluster_info.py). The driver runs on the head under `ray job submit`.
@@ -81,16 +84,17 @@ def feasibility(r: Resources, nodes: list[dict], node_types: dict[str, tuple[dic
     """None if a trial fits the nodes; a "waiting for resources" line if it needs the autoscaler to add
     nodes of `node_types` ({name: (resources, max_workers)}); RecipeError naming the field if neither.
 
-    Ray Train's placement group is PACK (soft): workers may spread over nodes, but each worker's bundle
-    must fit on one node, and one node also holds the trial actor's 0.01 CPU.
+    Each worker's bundle must fit on one node; with placement pack or spread (soft) the workers may share
+    or spread over nodes, with strict_spread each needs a node of its own.
     """
     bundle = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    need = _describe(r.workers_per_trial, bundle)
-    if _fits(nodes, bundle, r.workers_per_trial):
+    need = _describe(r.workers_per_trial, bundle, r.placement)
+    strict = r.placement == "strict_spread"
+    if _fits(nodes, bundle, r.workers_per_trial, strict):
         return None
     # each type at most workers_per_trial times: more nodes than workers cannot help one trial
     grown = nodes + [res for res, most in node_types.values() for _ in range(min(most, r.workers_per_trial))]
-    if _fits(grown, bundle, r.workers_per_trial):
+    if _fits(grown, bundle, r.workers_per_trial, strict):
         adds = ", ".join(name for name, (res, _) in node_types.items() if _bundles(res, bundle) > 0)
         return f"waiting for resources: {need}; no node has them yet, the autoscaler can add {adds or 'nodes'}"
     biggest = {k: max((n.get(k, 0) for n in grown), default=0) for k in ("CPU", "GPU")}
@@ -100,6 +104,8 @@ def feasibility(r: Resources, nodes: list[dict], node_types: dict[str, tuple[dic
         field, reason = "resources.gpus_per_worker", f"no node has {r.gpus_per_worker:g} GPU"
     elif not _fits(grown, bundle, 1):
         field, reason = "resources.cpus_per_worker", "no node holds one worker"
+    elif strict and _fits(grown, bundle, r.workers_per_trial):
+        field, reason = "resources.placement", "strict_spread needs a node per worker and there are fewer"
     else:
         field, reason = "resources.workers_per_trial", "all nodes together hold fewer workers"
     total = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
@@ -120,15 +126,9 @@ def autoscaler_node_types() -> dict[str, tuple[dict, int]]:
             if t.get("max_workers", config.get("max_workers", 0)) > 0}
 
 
-def _fits(nodes: list[dict], bundle: dict, workers: int) -> bool:
-    """Some node can take the trial actor while all nodes together take `workers` bundles."""
-    for i, host in enumerate(nodes):
-        if host.get("CPU", 0) < TRIAL_ACTOR_CPU:
-            continue
-        rest = nodes[:i] + [{**host, "CPU": host["CPU"] - TRIAL_ACTOR_CPU}] + nodes[i + 1:]
-        if sum(_bundles(n, bundle) for n in rest) >= workers:
-            return True
-    return False
+def _fits(nodes: list[dict], bundle: dict, workers: int, strict: bool = False) -> bool:
+    """All nodes together take `workers` bundles (strict: on as many different nodes)."""
+    return sum(min(_bundles(n, bundle), 1 if strict else workers) for n in nodes) >= workers
 
 
 def _bundles(node: dict, bundle: dict) -> int:
@@ -136,9 +136,9 @@ def _bundles(node: dict, bundle: dict) -> int:
     return min(math.floor(node.get(k, 0) / v + 1e-9) for k, v in bundle.items() if v > 0)
 
 
-def _describe(workers: int, bundle: dict) -> str:
+def _describe(workers: int, bundle: dict, placement: str) -> str:
     per = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
-    return f"{workers} worker(s) x ({per}) + {TRIAL_ACTOR_CPU:g} CPU for the trial actor"
+    return f"{workers} worker(s) x ({per})" + (", each on its own node" if placement == "strict_spread" else "")
 
 
 def _runtime_env(gcs: str, env_vars: dict[str, str]) -> dict:

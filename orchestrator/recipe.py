@@ -17,6 +17,9 @@ from palp_trainer.config import ALIGNMENTS, PRECISIONS, SMALL_BASES, EvalConfig,
 
 PLACEHOLDER = re.compile(r"\[[^\[\]\s]+\]")  # "[V1]", "[sks]": brackets, no spaces
 DIM_KINDS = ("fixed", "grid", "choice", "uniform", "loguniform")
+# how a trial's workers sit on nodes (Ray placement group strategies): pack fills one node first, spread puts
+# them on different nodes where it can, strict_spread always (a trial then needs workers_per_trial nodes)
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
 
 
 class RecipeError(ValueError):
@@ -206,8 +209,11 @@ class Resources:
     # deterministic error (divergence, out of memory) is retried as often before the trial fails
     max_failures: int = 2
     checkpoints_to_keep: int | None = 2  # per trial; None keeps all
+    placement: str = "pack"  # one of PLACEMENTS
 
     def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise RecipeError(f"placement: must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.gpus_per_worker is None:
             object.__setattr__(self, "gpus_per_worker", 1.0 if self.use_gpu else 0.0)
         elif self.gpus_per_worker > 0 and not self.use_gpu:
@@ -333,6 +339,9 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: Resources = field(default_factory=Resources)
     storage_path: str = "runs"  # relative to the CWD, or s3:// / gs://
+    # storage_path is a shared filesystem (NFS, ...) mounted at the same path on every node: a local path
+    # is then allowed on a cluster of several nodes
+    storage_shared: bool = False
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
 
     def __post_init__(self):

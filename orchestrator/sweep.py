@@ -1,12 +1,15 @@
 """A recipe as one Ray Tune experiment: (subject set, prompt) pairs x hyperparameters, ASHA on milestones."""
 
+import hashlib
 import json
 import math
 import os
 import shlex
 import signal
 import sys
+import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -15,18 +18,26 @@ from ray import tune
 from ray.experimental import internal_kv
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from palp_trainer import storage as store
 from palp_trainer.loop import DECISIONS, decision_key
+from palp_trainer.storage import is_remote, join
 
-from .connect import check_feasible, connect, resolve_address
+from .connect import TRIAL_ACTOR, autoscaler_node_types, check_feasible, connect, resolve_address
 from .recipe import Recipe, RecipeError
 from .registry import register_best
 from .search_space import param_space
 from .selection import pareto_front, plot_curves, plot_pareto
 from .tracking import (STOPPED_TAG, Tracking, close_open_children, end_run, fail_run, mask, preflight, reason,
                        resolve_tracking_uri, start_sweep)
-from .trial import is_remote, run_trial, scheduler_key
+from .trial import run_trial, scheduler_key, trial_output_uri
 
 INTERRUPTED = 130  # the shell's code for a Ctrl-C'd command
+# passed from the driver's environment to every process of the cluster (never printed): storage and MLflow
+# credentials, endpoint overrides (an S3 API that is not AWS), the Hugging Face token for gated bases
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL",
+                 "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                 "HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE")
 
 
 def score_keys(recipe: Recipe) -> tuple[str, str, str]:
@@ -41,10 +52,8 @@ def in_job_working_dir() -> bool:
 
 def check_storage(storage: str) -> None:
     """Fail in one line, before Ray starts, on a storage path the sweep could not write."""
-    import pyarrow.fs
-
     try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(storage if is_remote(storage) else Path(storage).as_uri())
+        fs, path = store.filesystem(storage)
         fs.create_dir(path, recursive=True)
         probe = f"{path}/.palp-sweep-write-test"
         with fs.open_output_stream(probe) as f:
@@ -62,6 +71,34 @@ def resolve_storage(storage_path: str) -> str:
     if in_job_working_dir():
         return str(Path.home() / "palp-sweep" / storage_path)
     return str(Path(storage_path).resolve())
+
+
+def check_nodes(recipe: Recipe, storage: str, uri: str) -> None:
+    """On a cluster of several nodes (now, or once its autoscaler adds some) every node must reach the
+    storage and the MLflow store: a path on the driver's disk is refused unless the recipe says it is shared."""
+    nodes, autoscaling = sum(1 for n in ray.nodes() if n["Alive"]), bool(autoscaler_node_types())
+    if (nodes > 1 or autoscaling) and not is_remote(storage) and not recipe.storage_shared:
+        many = f"the Ray cluster has {nodes} nodes" if nodes > 1 else "the Ray cluster's autoscaler adds nodes"
+        raise RecipeError(f"storage_path: {storage} is a folder on this machine, but {many} that cannot see it; "
+                          "use s3://... (or gs://...), or set storage_shared: true if it is a shared filesystem "
+                          "mounted at the same path on every node")
+    preflight(uri, nodes, autoscaling)
+
+
+def stage_subjects(recipe: Recipe, storage: str) -> Recipe:
+    """The recipe with its subject images copied into the storage (content-addressed: a changed photo gets a new
+    name), so that workers on any node read them there; nodes cache them (palp_trainer.storage.cached)."""
+    subjects = []
+    for s in recipe.subjects:
+        images = []
+        for f in s.images:
+            digest = hashlib.sha256(Path(f).read_bytes()).hexdigest()[:16]
+            target = join(storage, recipe.name, "subjects", s.name, digest, Path(f).name)
+            if not store.exists(target):
+                store.upload(f, target)
+            images.append(target)
+        subjects.append(replace(s, images=tuple(images)))
+    return replace(recipe, subjects=tuple(subjects))
 
 
 def trial_resources(recipe: Recipe) -> dict:
@@ -113,7 +150,7 @@ def scheduler(recipe: Recipe):
 def build_tuner(recipe: Recipe, storage: str, resume: bool, tracking: Tracking) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, recipe=recipe, storage_path=storage, tracking=tracking),
-        {"cpu": 0.01})  # the trial actor only waits on its TorchTrainer: next to no CPU
+        {k.lower(): v for k, v in TRIAL_ACTOR.items()})  # on the head; it only waits on its TorchTrainer
     experiment = os.path.join(storage, recipe.name)
     if resume:
         return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -128,8 +165,11 @@ def build_tuner(recipe: Recipe, storage: str, resume: bool, tracking: Tracking) 
     )
 
 
-def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str]]:
-    """Per pair: every trial's final scores, the Pareto front, the best trial; plots on disk."""
+def summarize(recipe: Recipe, results, report_dir: Path, report_uri: str | None = None,
+              storage: str | None = None) -> tuple[dict, list[str]]:
+    """Per pair: every trial's final scores, the Pareto front, the best trial; plots written to `report_dir`
+    and named in summary.json where they end up (`report_uri`, the storage's report folder)."""
+    report_uri = report_uri or str(report_dir)
     metric, sign = recipe.scheduler.metric, (1 if recipe.scheduler.mode == "max" else -1)
     keys = score_keys(recipe)
     text, subject = recipe.eval.metric_names
@@ -141,12 +181,14 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
                "hparams": {k: v for k, v in result.config.items() if k != "pair"},
                "alignment": result.config.get("alignment", recipe.train.alignment),
                "step": m.get("step"), "error": reason(result.error) if result.error else None,
-               "adapter": m.get("checkpoint_path"), "best_method": m.get("best_method"),
+               "adapter": None, "best_method": m.get("best_method"),
                **{k: m.get(k, float("nan")) for k in (*keys, metric, recipe.mlflow.champion_metric or metric)}}
         df = result.metrics_dataframe
         history = [] if df is None or "step" not in df else [
             {k: float(r[k]) for k in ("step", *keys) if k in df and not _nan(r[k])}
             for r in df.to_dict("records")]
+        if storage and row["step"] == last_step:  # where the trial's final adapter was written
+            row["adapter"] = join(trial_output_uri(storage, recipe, row["pair"], row["trial_id"]), "adapter")
         pairs[row["pair"]].append((row, history))
     summary, failed = {}, []
     for pair, trials in pairs.items():
@@ -160,8 +202,9 @@ def summarize(recipe: Recipe, results, report_dir: Path) -> tuple[dict, list[str
         out.mkdir(parents=True, exist_ok=True)
         plots = {}
         if rows:
-            plots["pareto"] = str(plot_pareto(rows, out / "pareto.png", pair, text, subject))
-            plots["curves"] = str(plot_curves({r["trial_id"]: h for r, h in trials}, out / "curves.png", list(keys)))
+            plot_pareto(rows, out / "pareto.png", pair, text, subject)
+            plot_curves({r["trial_id"]: h for r, h in trials}, out / "curves.png", list(keys))
+            plots = {name: join(report_uri, pair, f"{name}.png") for name in ("pareto", "curves")}
         summary[pair] = {"best": best, "trials": rows, "plots": plots}
         if best is None:
             reasons = "; ".join(sorted({r["error"] or "no score" for r in rows})) or "no trial ran"
@@ -214,7 +257,7 @@ def print_summary(recipe: Recipe, summary: dict) -> None:
                   f"{_fmt(r[subject]):>13} {_fmt(r[metric]):>10}  {'yes' if r.get('pareto') else '':<5}  {hp}"
                   + (f"  ERROR: {r['error']}" if r["error"] else ""))
         if s["best"]:
-            print(f"best: {s['best']['trial_id']}  adapter: {s['best']['adapter']}")
+            print(f"best: {s['best']['trial_id']}  adapter: {mask(str(s['best']['adapter']))}")
             if s["best"]["best_method"]:
                 print(f"best sampling method: {s['best']['best_method']}")
         for name, path in s["plots"].items():
@@ -230,9 +273,12 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
     experiment = os.path.join(storage, recipe.name)
     if resume and not tune.Tuner.can_restore(experiment):
         raise RecipeError(f"--resume: no sweep to resume at {mask(experiment)}")
-    connect(resolve_address(address), env_vars={"TOKENIZERS_PARALLELISM": "false"})
+    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    connect(resolve_address(address), env_vars={"TOKENIZERS_PARALLELISM": "false", **forwarded})
     check_feasible(recipe)  # a trial no node can ever hold: exit 2 now, not a worker group retried forever
-    preflight(uri, nodes=sum(1 for n in ray.nodes() if n["Alive"]))
+    check_nodes(recipe, storage, uri)
+    if is_remote(storage) or recipe.storage_shared:
+        recipe = stage_subjects(recipe, storage)  # every node reads the photos from there
     tracking = start_sweep(uri, recipe, recipe_path, storage, overrides, resume=resume)
     print(f"palp-sweep: {recipe.name}: {len(recipe.pair_ids())} pair(s)\n  storage: {mask(storage)}\n"
           f"  mlflow:  {mask(uri)}")
@@ -242,10 +288,13 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
         signal.signal(signal.SIGTERM, _terminated)  # `ray job stop`, a batch scheduler: like a second Ctrl-C
     try:
         results = build_tuner(recipe, storage, resume, tracking).fit()  # Ctrl-C: Tune stops and saves state
-        report_dir = (Path(storage) if not is_remote(storage) else Path.cwd() / "runs") / recipe.name / "report"
-        summary, failed = summarize(recipe, results, report_dir)
+        report_uri = join(storage, recipe.name, "report")
+        report_dir = Path(tempfile.mkdtemp(prefix="palp-report-")) if is_remote(storage) else Path(report_uri)
+        summary, failed = summarize(recipe, results, report_dir, report_uri, storage)
         unfinished = record_outcomes(tracking, summary, trial_statuses(experiment), max(recipe.search.steps))
         client.log_artifacts(tracking.parent_run_id, str(report_dir), "report")
+        if is_remote(storage):
+            store.upload(report_dir, report_uri)
     except KeyboardInterrupt:  # SIGTERM, or a second Ctrl-C while Tune was stopping
         close_open_children(tracking, "KILLED", "interrupted: resume with --resume")
         end_run(client, tracking.parent_run_id, "KILLED", "interrupted")
@@ -257,7 +306,7 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
         fail_run(client, tracking.parent_run_id, why)
         raise
     print_summary(recipe, summary)
-    print(f"\nsummary: {report_dir / 'summary.json'}")
+    print(f"\nsummary: {mask(join(report_uri, 'summary.json'))}")
     if unfinished:
         end_run(client, tracking.parent_run_id, "KILLED", f"interrupted with {len(unfinished)} trial(s) unfinished")
         print(f"palp-sweep: interrupted with {len(unfinished)} trial(s) unfinished; nothing registered. "

@@ -60,10 +60,12 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
-def preflight(uri: str, nodes: int) -> None:
-    """Fail fast, with one line, on a tracking URI the trials could not write to."""
-    if nodes > 1 and is_local_store(uri):
-        raise TrackingError(f"mlflow.tracking_uri: {mask(uri)} is a local store, but the Ray cluster has {nodes} nodes "
+def preflight(uri: str, nodes: int = 1, autoscaling: bool = False) -> None:
+    """Fail fast, with one line, on a tracking URI the trials could not write to (from other nodes, when the
+    Ray cluster has `nodes` or its autoscaler adds some)."""
+    if (nodes > 1 or autoscaling) and is_local_store(uri):
+        many = f"the Ray cluster has {nodes} nodes" if nodes > 1 else "the Ray cluster's autoscaler adds nodes"
+        raise TrackingError(f"mlflow.tracking_uri: {mask(uri)} is a local store, but {many} "
                             "whose workers cannot write to it; run `mlflow server` and set mlflow.tracking_uri "
                             "(or MLFLOW_TRACKING_URI) to its http:// address")
     if uri.startswith(("http://", "https://")):

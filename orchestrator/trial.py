@@ -12,13 +12,14 @@ from mlflow import MlflowClient
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from palp_trainer.loop import train_loop
+from palp_trainer.storage import is_remote, join
 
-from .recipe import Recipe
+from .recipe import PLACEMENTS, Recipe
 from .search_space import train_config
 from .tracking import Tracking, end_run, fail_run, reason
 
 
-NOT_PARAMS = {"subjects", "eval", "output_dir", "progress", "mlflow_uri", "mlflow_run_id", "resume_from",
+NOT_PARAMS = {"subjects", "eval", "output_dir", "output_uri", "progress", "mlflow_uri", "mlflow_run_id", "resume_from",
               "scheduler_key"}
 
 
@@ -27,26 +28,26 @@ def scheduler_key(recipe_name: str, trial_id: str) -> str:
     return f"{recipe_name}/{trial_id}"
 
 
-def is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def scaling_config(recipe: Recipe) -> ray.train.ScalingConfig:
     r = recipe.resources
     per_worker = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
         per_worker["GPU"] = r.gpus_per_worker
     return ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu,
-                                   resources_per_worker=per_worker)
+                                   resources_per_worker=per_worker, placement_strategy=PLACEMENTS[r.placement])
+
+
+def trial_output_uri(storage_path: str, recipe: Recipe, pair: str, trial_id: str) -> str:
+    """Where a trial's samples, metrics.jsonl and final adapter end up."""
+    return join(storage_path, recipe.name, "trials", pair, trial_id)
 
 
 def trial_output_dir(storage_path: str, recipe: Recipe, pair: str, trial_id: str) -> str:
-    """Where rank 0 writes samples, metrics.jsonl and the final adapter.
-
-    With remote storage this is node-local scratch; the adapter also travels in every checkpoint.
-    """
-    root = Path(tempfile.gettempdir()) / "palp-sweep" if is_remote(storage_path) else Path(storage_path)
-    return str(root / recipe.name / "trials" / f"{pair}" / trial_id)
+    """Where rank 0 writes them: in the storage itself when it is a path, else node-local scratch that rank 0
+    copies to `trial_output_uri` after every checkpoint and at the end (TrainConfig.output_uri)."""
+    if not is_remote(storage_path):
+        return trial_output_uri(storage_path, recipe, pair, trial_id)
+    return str(Path(tempfile.gettempdir()) / "palp-sweep" / recipe.name / "trials" / pair / trial_id)
 
 
 def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Tracking) -> None:
@@ -55,6 +56,8 @@ def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Trackin
     hparams = {k: v for k, v in params.items() if k != "pair"}
     config = train_config(recipe, params["pair"], hparams,
                           trial_output_dir(storage_path, recipe, params["pair"], trial_id))
+    if is_remote(storage_path):
+        config = replace(config, output_uri=trial_output_uri(storage_path, recipe, params["pair"], trial_id))
     # every effective hyperparameter, searched or not (subjects, prompts and eval are in the parent run)
     knobs = {k: v for k, v in config.to_dict().items() if k not in NOT_PARAMS}
     run_id = tracking.child_run(params["pair"], trial_id, knobs)

@@ -162,7 +162,7 @@ class TrainConfig:
     subjects: tuple[SubjectSpec, ...]
     target_prompt: str  # with placeholders, e.g. "An oil painting of [V1] inspired by [V2] painting"
     clean_prompt: str  # y^c: class words, no placeholder
-    output_dir: str
+    output_dir: str  # rank 0 writes samples, metrics.jsonl and the adapter here
     base_model: str = "tiny"  # "tiny" | "world" | hub id | local diffusers directory
     resolution: int = 512
     precision: str = "fp32"
@@ -190,6 +190,9 @@ class TrainConfig:
     allow_upscale: bool = False
     checkpoint_every: int = 0  # 0: only at the end
     resume_from: str | None = None
+    # storage URI (s3://...) that output_dir is copied to, so the outputs outlive the node; subject images may
+    # be storage URIs too (fetched once per node)
+    output_uri: str | None = None
     eval: EvalConfig | None = None
     progress: bool = True
     mlflow_uri: str | None = None  # rank 0 appends metrics/artifacts to this existing run

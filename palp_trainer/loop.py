@@ -6,12 +6,13 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from . import storage
 from .config import TrainConfig
 from .data import SubjectLatents
 from .export import export_adapter
@@ -76,6 +77,20 @@ def manifest(config: TrainConfig, step: int) -> dict:
         "align_weight": config.align_weight, "align_every": config.align_every, "rank": config.rank,
         "lora_alpha": config.lora_alpha or config.rank, "steps": step, "resolution": config.resolution,
     }
+
+
+def localized(config: TrainConfig) -> TrainConfig:
+    """`config` with subject images given as storage URIs replaced by this node's cached copies."""
+    def local(f: str) -> str:
+        return str(storage.cached(f)) if storage.is_remote(f) else f
+    return replace(config, subjects=tuple(replace(s, images=tuple(local(f) for f in s.images))
+                                          for s in config.subjects))
+
+
+def publish(output: Path, config: TrainConfig) -> None:
+    """Copy rank 0's outputs (metrics.jsonl, samples, adapter) to storage, where they outlive this node."""
+    if config.output_uri:
+        storage.upload(output, config.output_uri)
 
 
 def make_optimizer(config: TrainConfig, lora_params, embedding) -> torch.optim.Optimizer:
@@ -176,6 +191,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     `base` stands in for load_base(config.base_model) (the benchmark's random-weight SD-1.5)."""
     if isinstance(config, dict):  # Ray Train hands workers the plain-dict form
         config = TrainConfig.from_dict(config)
+    source, config = config, localized(config)  # adapters name the images as the sweep gave them
     train = _ray_train()
     rank, world = (0, 1)
     if train is not None:
@@ -204,12 +220,16 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     if checkpoint is not None:  # a Ray Train retry or a resumed sweep
         with checkpoint.as_directory() as directory:
             step, seconds = load_checkpoint(Path(directory), base, embedding, optimizer, scaler, generator)
+        if rank == 0:
+            print(f"palp: resumed from the checkpoint at step {step}", flush=True)
     elif config.resume_from:
         step, seconds = load_checkpoint(Path(config.resume_from), base, embedding, optimizer, scaler, generator)
 
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if rank == 0:
+        if config.output_uri and step and not (output / "metrics.jsonl").exists():  # restarted on another node
+            storage.download(storage.join(config.output_uri, "metrics.jsonl"), output / "metrics.jsonl")
         _keep_metrics_until(output / "metrics.jsonl", step)  # steps redone after a restart are written once
     global_batch = config.batch_size * world
     log = None
@@ -226,6 +246,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
             # report again, so Tune and MLflow hold this trial's real final scores
             if config.eval is not None and rank == 0:
                 last_eval = _evaluate(config, base, step, output, log)
+                publish(output, config)
             metrics = {"step": step, **last_eval, "train_seconds": seconds, "time_total_s": seconds}
             train.report(metrics)
         while step < config.steps:
@@ -257,7 +278,8 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
                     checkpoint_dir = None
                     if rank == 0:
                         checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, scaler,
-                                                         generator, config, metrics["time_total_s"])
+                                                         generator, source, metrics["time_total_s"])
+                        publish(output, config)
                     if report:
                         train.report(metrics, checkpoint=train.Checkpoint.from_directory(checkpoint_dir)
                                      if checkpoint_dir else None)
@@ -272,8 +294,9 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     bar.close()
     metrics["time_total_s"] = time.perf_counter() - started  # training + evaluations, before export
     if rank == 0:
-        export_adapter(output / "adapter", base.unet, embedding, manifest(config, step))
-        metrics["adapter"] = str(output / "adapter")
+        export_adapter(output / "adapter", base.unet, embedding, manifest(source, step))
+        publish(output, config)
+        metrics["adapter"] = storage.join(config.output_uri, "adapter") if config.output_uri else str(output / "adapter")
         if log:
             log.flush()
             log.artifacts(output / "adapter", "adapter")

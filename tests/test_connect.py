@@ -38,6 +38,10 @@ def free_port() -> int:
 
 def test_a_trial_that_fits_the_nodes_starts():
     assert connect.feasibility(Resources(), TWO_CPUS, {}) is None
+    # the trial actor takes no CPU (it lives on the head): a worker may take a whole node
+    assert connect.feasibility(Resources(cpus_per_worker=2), TWO_CPUS, {}) is None
+    assert connect.feasibility(Resources(workers_per_trial=2, placement="strict_spread"),
+                               [{"CPU": 1.0}, {"CPU": 1.0}], {}) is None
     # PACK is soft: two 1-CPU workers may spread over two nodes
     assert connect.feasibility(Resources(workers_per_trial=2), [{"CPU": 1.0}, {"CPU": 1.5}], {}) is None
 
@@ -46,8 +50,9 @@ def test_a_trial_that_fits_the_nodes_starts():
     (Resources(cpus_per_worker=64), "resources.cpus_per_worker"),
     (Resources(workers_per_trial=3), "resources.workers_per_trial"),
     (Resources(use_gpu=True), "resources.use_gpu"),
-    # 2 CPUs fit the node, but not next to the trial actor's 0.01 CPU: Ray would wait forever
-    (Resources(cpus_per_worker=2), "resources.cpus_per_worker"),
+    (Resources(cpus_per_worker=2.5), "resources.cpus_per_worker"),
+    # one node holds three workers, but strict_spread wants three nodes
+    (Resources(workers_per_trial=3, cpus_per_worker=0.5, placement="strict_spread"), "resources.placement"),
 ])
 def test_a_trial_no_node_can_hold_fails_naming_the_field(resources, field):
     with pytest.raises(RecipeError) as e:
