@@ -48,9 +48,10 @@ def upload(local: str | Path, uri: str) -> None:
 def download(uri: str, local: str | Path) -> bool:
     """Copy a file or folder at `uri` to `local`; False if there is nothing at `uri`."""
     fs, path = filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
         return False
-    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    (Path(local) if kind == pafs.FileType.Directory else Path(local).parent).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return True
 

@@ -129,8 +129,8 @@ class RayCluster:
     Node i carries the custom resource `node_i` (the head: `node_0`), so a test can tell which of its nodes
     holds an actor (`node_of`) and lose exactly that one (`kill_node`)."""
 
-    def __init__(self, workdir: Path, env: dict, head_cpus: float = 1):
-        self.workdir, self.env = workdir, {**os.environ, **ray_env(), **env}
+    def __init__(self, workdir: Path, env: dict | None = None, head_cpus: float = 1):
+        self.workdir, self.env = workdir, {**os.environ, **ray_env(), **(env or {})}
         # its own temp dir (short: Ray's socket paths must fit 107 bytes), so its ray_current_cluster
         # does not replace /tmp/ray's
         self.temp_dir = tempfile.mkdtemp(prefix="ray-cl-", dir="/tmp")
@@ -143,14 +143,30 @@ class RayCluster:
         wait_for(lambda: _answers(f"{self.dashboard}/api/version"), "Ray dashboard", timeout=180)
 
     def add_node(self, cpus: float = 1) -> int:
+        """Start worker node i and wait until it is alive (on 2 busy cores a node can time out in its
+        startup: it gets one more try)."""
         i = max(self.nodes) + 1
-        self._start(i, ["--address", self.address], cpus)
+        for attempt in range(2):
+            self._start(i, ["--address", self.address], cpus)
+            try:
+                self.wait_nodes(len(self.nodes), until=lambda: self.nodes[i].proc.poll() is not None)
+                return i
+            except TimeoutError:
+                if attempt:
+                    raise
+                self.kill_node(i)
         return i
 
+    def scratch(self, i: int) -> Path:
+        """Node i's own temp dir (TMPDIR of its processes): what a separate machine's local disk would be."""
+        return self.workdir / f"node-{i}-tmp"
+
     def _start(self, i: int, args: list[str], cpus: float) -> None:
+        self.scratch(i).mkdir(parents=True, exist_ok=True)
         self.nodes[i] = Session([str(BIN / "ray"), "start", "--block", *args, "--num-cpus", str(cpus),
-                                 "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir, "--resources", json.dumps({f"node_{i}": 1}),
-                                 "--disable-usage-stats"], self.env, self.workdir / f"ray-node-{i}.log")
+                                 "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir,
+                                 "--resources", json.dumps({f"node_{i}": 1}), "--disable-usage-stats"],
+                                {**self.env, "TMPDIR": str(self.scratch(i))}, self.workdir / f"ray-node-{i}.log")
 
     def alive_nodes(self) -> list[int]:
         """Our node numbers that the GCS sees alive."""
@@ -158,13 +174,22 @@ class RayCluster:
         return sorted(int(k.removeprefix("node_")) for n in ray.nodes() if n["Alive"]
                       for k in n["Resources"] if k.startswith("node_"))
 
-    def wait_nodes(self, count: int, timeout: float = 180) -> None:
-        """Connects this process to the cluster (once) and waits until `count` nodes are alive."""
+    def connect(self, env: dict | None = None) -> None:
+        """Connect this process to the cluster (once); its jobs' processes get `env`."""
         import ray
         if not ray.is_initialized():
             os.environ.update(ray_env())
-            ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
-        wait_for(lambda: len(self.alive_nodes()) >= count, f"{count} Ray nodes", timeout)
+            ray.init(address=self.address, logging_level="ERROR", log_to_driver=False,
+                     runtime_env={"env_vars": env or {}})
+
+    def wait_nodes(self, count: int, timeout: float = 180, until=lambda: False) -> None:
+        """Wait until `count` nodes are alive; TimeoutError when it takes `timeout` s or `until()` says give up."""
+        self.connect()
+        deadline = time.monotonic() + timeout
+        while len(self.alive_nodes()) < count:
+            if until() or time.monotonic() > deadline:
+                raise TimeoutError(f"{count} Ray nodes did not come up")
+            time.sleep(0.3)
 
     def node_of(self, node_id: str) -> int:
         import ray
