@@ -95,7 +95,8 @@ class S3Server:
 
     def keys(self, prefix: str = "") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+        # keys ending in "/" are the empty folder markers pyarrow's create_dir writes
+        return [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
 
     def uri(self, path: str) -> str:
         return f"s3://{self.bucket}/{path}"
