@@ -54,7 +54,10 @@ def open_store(flag: str | None) -> str:
     store must exist, a server must answer (MLflow itself retries a closed port for minutes)."""
     uri, source = _uri(flag)
     _check_store(uri)
-    preflight(uri, nodes=1, source=source)
+    try:
+        preflight(uri, nodes=1)
+    except TrackingError as e:  # its line names the recipe field; here the URI came from `source`
+        raise TrackingError(f"{source}: {str(e).removeprefix('mlflow.tracking_uri: ')}") from None
     return uri
 
 

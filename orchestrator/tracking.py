@@ -60,9 +60,8 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
-def preflight(uri: str, nodes: int, source: str = "mlflow.tracking_uri") -> None:
-    """Fail fast, with one line, on a tracking URI the trials could not write to; `source` (where the URI
-    came from: the recipe field, a flag or MLFLOW_TRACKING_URI) starts the line."""
+def preflight(uri: str, nodes: int) -> None:
+    """Fail fast, with one line, on a tracking URI the trials could not write to."""
     if nodes > 1 and is_local_store(uri):
         raise TrackingError(f"mlflow.tracking_uri: {mask(uri)} is a local store, but the Ray cluster has {nodes} nodes "
                             "whose workers cannot write to it; run `mlflow server` and set mlflow.tracking_uri "
@@ -71,12 +70,12 @@ def preflight(uri: str, nodes: int, source: str = "mlflow.tracking_uri") -> None
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
         except (urllib.error.URLError, OSError) as e:
-            raise TrackingError(f"{source}: cannot reach {mask(uri)}: {getattr(e, 'reason', e)}") from None
+            raise TrackingError(f"mlflow.tracking_uri: cannot reach {mask(uri)}: {getattr(e, 'reason', e)}") from None
     try:
         with _creation_lock(uri):
             MlflowClient(uri).search_experiments(max_results=1)
     except MlflowException as e:
-        raise TrackingError(f"{source}: {mask(uri)} is not usable: {mask(str(e).splitlines()[0])}") from None
+        raise TrackingError(f"mlflow.tracking_uri: {mask(uri)} is not usable: {mask(str(e).splitlines()[0])}") from None
 
 
 @contextmanager
