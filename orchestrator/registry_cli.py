@@ -12,8 +12,6 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from palp_trainer.export import MANIFEST_FILE
-
 from .cli import OneLineParser, UsageError, output_folder
 from .tracking import TrackingError, preflight
 
@@ -98,6 +96,8 @@ def model_uri(ref: str) -> str:
 
 def pull(ref: str, directory: str) -> Path:
     """Write the adapter's diffusers-loadable files (LoRA, embeddings, manifest) to `directory`."""
+    from palp_trainer.export import MANIFEST_FILE  # imports diffusers and torch: seconds that list and show skip
+
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(ref), dst_path=tmp))
         manifests = list(local.rglob(MANIFEST_FILE))
