@@ -16,8 +16,6 @@ from .cli import OneLineParser, UsageError, output_folder
 from .tracking import TrackingError, preflight
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
 _NAME_THE_STORE = ("run a sweep here first, or name the store the sweep used: --tracking-uri URI, or "
                    "MLFLOW_TRACKING_URI=http://host:5000 for an MLflow server")
 
