@@ -27,6 +27,7 @@ from .cli import OneLineParser, UsageError, output_folder
 from .recipe import slugify
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+_TRACKED = ("models:/", "runs:/")  # URIs the tracking store resolves
 _TINY_TEXT_HIDDEN = 32  # palp_trainer.tiny's text encoder; real SD text encoders are 768 or 1024 wide
 
 
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="palp-sweep generate",
                 description="Sample an adapter with CFG, personalization guidance (pg) or AlignIT on fixed seeds.")
     p.add_argument("source", help="exported adapter directory, or an MLflow model URI (models:/<name>@champion)")
+    p.add_argument("--tracking-uri", help="where a models:/ or runs:/ SOURCE is registered "
+                                          "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     p.add_argument("--prompt", required=True, help='with the adapter\'s placeholders, e.g. "A sketch of [V1]"')
     p.add_argument("--seeds", default="0,1,2,3", help="comma list; one image per seed (default 0,1,2,3)")
     p.add_argument("--steps", type=_count, default=25, help="sampling steps (default 25)")
@@ -71,9 +74,25 @@ def _numbers(text: str, kind, option: str) -> list:
     return values
 
 
+def _tracking(source: str, flag: str | None) -> None:
+    """A models:/ or runs:/ SOURCE is resolved by the tracking store: check it before any loading."""
+    if not source.startswith(_TRACKED):
+        if flag:
+            raise UsageError(f"--tracking-uri: only for a models:/ or runs:/ SOURCE, got {source!r}")
+        return
+    import mlflow
+
+    from .registry_cli import open_store
+    from .tracking import TrackingError
+    try:
+        mlflow.set_tracking_uri(open_store(flag))
+    except TrackingError as e:
+        raise UsageError(str(e)) from None
+
+
 def _adapter_dir(source: str) -> Path:
     """The adapter folder: SOURCE itself, or the folder holding manifest.json in the downloaded MLflow model."""
-    if "://" not in source and not source.startswith(("models:/", "runs:/")):
+    if "://" not in source and not source.startswith(_TRACKED):
         return Path(source)
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -158,6 +177,7 @@ def _run(args) -> int:
         raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if any(method == "pg" for _, method, _ in methods) and args.guidance_scale <= 1:
         raise UsageError(f"--guidance-scale: pg needs CFG (> 1), got {args.guidance_scale:g}")
+    _tracking(args.source, args.tracking_uri)
 
     # diffusers' pipelines load in seconds: only after the command line is known to be good
     from diffusers.utils import make_image_grid

@@ -12,16 +12,21 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from palp_trainer.export import MANIFEST_FILE
-
 from .cli import OneLineParser, UsageError, output_folder
 from .tracking import TrackingError, preflight
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_NAME_THE_STORE = ("run a sweep here first, or name the store the sweep used: --tracking-uri URI, or "
+                   "MLFLOW_TRACKING_URI=http://host:5000 for an MLflow server")
 
 
-def _uri(arg: str | None) -> str:
-    return arg or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+def _uri(arg: str | None) -> tuple[str, str]:
+    """The tracking URI and where it came from, which errors name."""
+    if arg:
+        return arg, "--tracking-uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}", "tracking URI"
 
 
 def _check_store(uri: str) -> None:
@@ -30,16 +35,26 @@ def _check_store(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         path = Path(unquote(uri.removeprefix("sqlite:///").partition("?")[0]))
         if not path.is_file():
-            raise UsageError(f"no MLflow store at {uri}: {path} does not exist; run a sweep first, or pass "
-                             "--tracking-uri (or set MLFLOW_TRACKING_URI) to the store the sweep used")
+            raise UsageError(f"no MLflow store at {uri}: {path} does not exist; {_NAME_THE_STORE}")
         with path.open("rb") as f:
             if f.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
                 raise UsageError(f"{path}: not an MLflow store (not an SQLite database)")
     elif uri.startswith("file:") or "://" not in uri:  # a local folder store
         path = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
         if not path.is_dir():
-            raise UsageError(f"no MLflow store at {uri}: no folder {path}; run a sweep first, or pass "
-                             "--tracking-uri (or set MLFLOW_TRACKING_URI) to the store the sweep used")
+            raise UsageError(f"no MLflow store at {uri}: no folder {path}; {_NAME_THE_STORE}")
+
+
+def open_store(flag: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite mlflow.db here; checked before MLflow reads it: a local
+    store must exist, a server must answer (MLflow itself retries a closed port for minutes)."""
+    uri, source = _uri(flag)
+    _check_store(uri)
+    try:
+        preflight(uri, nodes=1)
+    except TrackingError as e:  # its line names the recipe field; here the URI came from `source`
+        raise TrackingError(f"{source}: {str(e).removeprefix('mlflow.tracking_uri: ')}") from None
+    return uri
 
 
 def _scores(tags: dict) -> str:
@@ -79,6 +94,8 @@ def model_uri(ref: str) -> str:
 
 def pull(ref: str, directory: str) -> Path:
     """Write the adapter's diffusers-loadable files (LoRA, embeddings, manifest) to `directory`."""
+    from palp_trainer.export import MANIFEST_FILE  # imports diffusers and torch: seconds that list and show skip
+
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(ref), dst_path=tmp))
         manifests = list(local.rglob(MANIFEST_FILE))
@@ -100,11 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     get.add_argument("directory")
     try:
         args = parser.parse_args(argv)
-        uri = _uri(args.tracking_uri)
         if args.command == "pull":
             output_folder(args.directory, "pull")
-        _check_store(uri)
-        preflight(uri, nodes=1)
+        uri = open_store(args.tracking_uri)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         if args.command == "list":

@@ -497,3 +497,37 @@ def test_models_list_reads_an_existing_store(no_store, capsys):
     MlflowClient(f"sqlite:///{no_store / 'mlflow.db'}").search_experiments()  # what a sweep here leaves behind
     code, out, err = run_main(["models", "list"], capsys)
     assert code == 0 and "no registered models" in out
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv, from_env", [
+    (["models", "list"], True),
+    (["models", "--tracking-uri", "{uri}", "pull", "palp-cat", "pulled"], False),
+    (["generate", "models:/palp-cat@champion", "--prompt", "A sketch of [V1]"], True),
+    (["generate", "runs:/abc/model", "--tracking-uri", "{uri}", "--prompt", "A sketch of [V1]"], False),
+])
+def test_unreachable_tracking_server_is_one_line_in_seconds(no_store, capsys, monkeypatch, argv, from_env):
+    # MLflow's own client retries a closed port for about 4 minutes before it gives up
+    import time
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    if from_env:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    code, _, err = run_main([a.format(uri=uri) for a in argv], capsys)
+    assert time.monotonic() - start < 30
+    source = "MLFLOW_TRACKING_URI" if from_env else "--tracking-uri"
+    assert_one_line_error(code, err, f"palp-sweep: error: {source}: cannot reach {uri}: ")
+    assert list(no_store.iterdir()) == []
+
+
+def test_generate_tracking_uri_only_with_a_registered_source(adapter, tmp_path, capsys):
+    code, _, err = run_main(["generate", str(adapter), "--tracking-uri", "http://127.0.0.1:5000",
+                             "--prompt", "A sketch of [V1]", "--out", str(tmp_path / "out")], capsys)
+    assert_one_line_error(code, err, "--tracking-uri: only for a models:/ or runs:/ SOURCE")
+    assert not (tmp_path / "out").exists()
