@@ -57,10 +57,7 @@ def registry(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("registry")
     s3 = S3Server(tmp)
     try:
-        with pytest.MonkeyPatch.context() as env:  # MlflowServer passes this process's environment on
-            # its job runner's 7 consumers poll: 0.3 of a CPU while idle, and the sweep submits no jobs
-            env.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-            server = MlflowServer(tmp, s3)
+        server = MlflowServer(tmp, s3)
     except BaseException:
         s3.stop()
         raise
