@@ -162,7 +162,9 @@ class TrainConfig:
     subjects: tuple[SubjectSpec, ...]
     target_prompt: str  # with placeholders, e.g. "An oil painting of [V1] inspired by [V2] painting"
     clean_prompt: str  # y^c: class words, no placeholder
-    output_dir: str  # rank 0 writes samples, metrics.jsonl and the adapter here
+    # rank 0 writes samples, metrics.jsonl and the adapter here; with output_uri a relative path is under the
+    # temp dir of the node rank 0 runs on
+    output_dir: str
     base_model: str = "tiny"  # "tiny" | "world" | hub id | local diffusers directory
     resolution: int = 512
     precision: str = "fp32"

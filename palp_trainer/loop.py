@@ -226,6 +226,8 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
         step, seconds = load_checkpoint(Path(config.resume_from), base, embedding, optimizer, scaler, generator)
 
     output = Path(config.output_dir)
+    if config.output_uri and not output.is_absolute():
+        output = Path(tempfile.gettempdir()) / output  # this node's scratch; publish() copies it to storage
     output.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         if config.output_uri and step and not (output / "metrics.jsonl").exists():  # restarted on another node
@@ -268,10 +270,10 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
             if milestone and config.eval is not None and rank == 0:
                 last_eval = _evaluate(config, base, step, output, log)
             metrics.update(last_eval)  # between milestones, reports carry the latest scores
-            # Tune needs its metric in every report: before the first evaluation only milestones report.
+            # Checkpoints before the first evaluation report no score: the sweep lets Tune take those
+            # (sweep.build_tuner), so a lost node costs at most checkpoint_every steps from the start on.
             # The rule depends on `step` alone, so every rank makes the same number of report calls.
-            report = train is not None and (
-                milestone or (ckpt_due and (config.eval is None or step > config.report_steps[0])))
+            report = train is not None and (milestone or ckpt_due)
             if report or (train is None and ckpt_due):
                 metrics["time_total_s"] = time.perf_counter() - started
                 with tempfile.TemporaryDirectory() as tmp:
@@ -279,7 +281,9 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
                     if rank == 0:
                         checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, scaler,
                                                          generator, source, metrics["time_total_s"])
-                        publish(output, config)
+                        publish(output, config)  # what the checkpoint covers is durable with it:
+                        if log:  # metrics.jsonl and samples in storage, the steps' metrics in MLflow
+                            log.flush(final=False)
                     if report:
                         train.report(metrics, checkpoint=train.Checkpoint.from_directory(checkpoint_dir)
                                      if checkpoint_dir else None)
