@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from palp_trainer import storage
 from palp_trainer.loop import train_loop
 from tests.cluster_env import BIN, MlflowServer, RayCluster, S3Server, ray_env
+from palp_trainer.tiny import main as tiny_main
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.cluster
@@ -111,8 +112,9 @@ def test_ddp_across_two_nodes_equals_one_process_at_double_batch(cloud, subject_
 
 def test_every_output_lives_in_s3_and_the_sweep_resumes_from_there(cloud, tmp_path):
     root = "sweeps/smoke"
-    run = sweep(cloud, tmp_path / "job", f"storage_path={cloud.s3.uri('sweeps')}",
-                "resources.max_concurrent_trials=2")
+    assert tiny_main([str(tmp_path / "base" / "tiny")]) == 0  # a base model on the driver's disk only
+    run = sweep(cloud, tmp_path / "job", f"storage_path={cloud.s3.uri('sweeps')}", f"base_model={tmp_path}/base/tiny",
+                "resolution=32", "precision=fp32", "resources.max_concurrent_trials=2")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     keys = cloud.s3.keys(root)
     pair = "cat__a-sketch-of-v1"
@@ -138,6 +140,11 @@ def test_every_output_lives_in_s3_and_the_sweep_resumes_from_there(cloud, tmp_pa
     manifest = json.loads(storage.filesystem(cloud.s3.uri("x"))[0].open_input_stream(
         f"palp/{root}/trials/{pair}/{best['trial_id']}/adapter/manifest.json").read())
     assert all(f.startswith("s3://palp/sweeps/smoke/subjects/cat/") for f in manifest["subjects"][0]["images"])
+    # the base went to S3 once, and each node that trained fetched it once (both trials on a node share it)
+    staged = [k for k in cloud.s3.keys("sweeps/models/") if k.endswith("/.palp-staged")]
+    assert len(staged) == 1 and manifest["base_model"] == cloud.s3.uri(staged[0].rsplit("/", 1)[0])
+    copies = {i: list(cloud.cluster.scratch(i).glob("palp-sweep-cache/*/tiny-*/unet")) for i in cloud.workers}
+    assert sum(len(c) for c in copies.values()) >= 1 and all(len(c) <= 1 for c in copies.values())
     assert not list((tmp_path / "job").iterdir())  # nothing was left on the driver's disk
     assert re.search(rf"^browse: {re.escape(cloud.mlflow.uri)}", run.stdout, re.M)
 
