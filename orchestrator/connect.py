@@ -165,6 +165,10 @@ def _describe(workers: int, bundle: dict, placement: str) -> str:
 
 
 def _runtime_env(gcs: str, env_vars: dict[str, str]) -> dict:
+    # under `ray job submit --runtime-env-json`, what the job's env_vars set reaches every process already, and
+    # ray.init refuses to set a variable again ("Failed to merge the Job's runtime env ... because of a conflict")
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    env_vars = {k: v for k, v in env_vars.items() if k not in (job.get("env_vars") or {})}
     # RAY_API_SERVER_ADDRESS, if inherited, would win over RAY_ADDRESS in the state API: clear it
     return {"env_vars": {**env_vars, "RAY_ADDRESS": gcs, "RAY_API_SERVER_ADDRESS": ""}}
 

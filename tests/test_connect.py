@@ -2,6 +2,7 @@
 nobody answers at, a trial no node can hold. Unit tests of the feasibility rule, then the CLI end to end."""
 
 import copy
+import json
 import os
 import shutil
 import socket
@@ -102,6 +103,17 @@ def test_autoscaler_node_types_come_from_the_running_autoscaler(tmp_path, monkey
     finally:
         monitor.kill()
         monitor.wait()
+
+
+def test_variables_the_job_sets_already_are_not_set_again(monkeypatch):
+    """`ray job submit --runtime-env-json '{"env_vars": {"AWS_...": ...}}'`: the driver sees them in its own
+    environment and forwards them, but ray.init fails on a variable the job's runtime env sets too."""
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip", "env_vars": {"AWS_ACCESS_KEY_ID": "k"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    env = connect._runtime_env("10.0.0.1:6379", {"AWS_ACCESS_KEY_ID": "k", "HF_TOKEN": "t"})["env_vars"]
+    assert env == {"HF_TOKEN": "t", "RAY_ADDRESS": "10.0.0.1:6379", "RAY_API_SERVER_ADDRESS": ""}
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+    assert _merge_runtime_env(job["runtime_env"], {"env_vars": env}) is not None  # what ray.init checks
 
 
 # ---- the CLI end to end (local Ray, sweeps in subprocesses) ----
