@@ -1,4 +1,4 @@
-"""cluster.yaml (and cluster-local.yaml, its shape on one machine), checked offline with the cluster launcher's own code.
+"""cluster.yaml (and cluster-local.yaml, its shape on one machine), checked offline with the launcher's own code.
 
 `ray up` first runs `prepare_config` (merge with ray/autoscaler/aws/defaults.yaml, merge setup commands,
 fill per-type worker limits) and `validate_config` (ray-schema.json and the cross-field checks); see
