@@ -18,6 +18,7 @@ Ray's address auto-detection made sweeps hang forever, in two ways:
   process of our cluster gets RAY_ADDRESS = the cluster's own GCS address through the job's runtime_env.
 """
 
+import json
 import math
 import os
 import socket
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import ray
 import yaml
+from ray._private import ray_constants
+from ray.experimental import internal_kv
 
 from .recipe import Recipe, RecipeError, Resources
 
@@ -116,14 +119,34 @@ def feasibility(r: Resources, nodes: list[dict], node_types: dict[str, tuple[dic
 
 def autoscaler_node_types() -> dict[str, tuple[dict, int]]:
     """{node type: (resources, max_workers)} the autoscaler may add, from the cluster launcher's config on
-    this node; {} without one (a fixed cluster, or a driver not on the head: trials must fit the nodes)."""
+    this node, else from the file the cluster's autoscaler reads (`ray start --head --autoscaling-config FILE`,
+    e.g. cluster-local.yaml); {} without either (a fixed cluster, or a driver not on the head: trials must fit
+    the nodes)."""
     path = BOOTSTRAP_CONFIG.expanduser()
     if not path.is_file():
+        path = _autoscaler_config()
+    if path is None:
         return {}
     config = yaml.safe_load(path.read_text())
     return {name: (t.get("resources", {}), t.get("max_workers", config.get("max_workers", 0)))
             for name, t in config.get("available_node_types", {}).items()
             if t.get("max_workers", config.get("max_workers", 0)) > 0}
+
+
+def _autoscaler_config() -> Path | None:
+    """The config file of this cluster's autoscaler, read off its process: the autoscaler's status in the GCS
+    names its pid (ray/autoscaler/_private/monitor.py), and it runs on the head, where `ray job submit` runs us.
+    Ray 2.60's autoscaler publishes its node types nowhere else (get_cluster_config() stays empty)."""
+    import psutil  # Ray's own copy (ray/thirdparty_files) when not installed
+
+    status = internal_kv._internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    try:
+        monitor = psutil.Process(json.loads(status)["monitor_pid"])
+        args, cwd = monitor.cmdline(), monitor.cwd()
+    except (TypeError, KeyError, psutil.Error):  # no autoscaler, or not on this machine
+        return None
+    given = [a.removeprefix("--autoscaling-config=") for a in args if a.startswith("--autoscaling-config=")]
+    return Path(cwd, os.path.expanduser(given[0])) if given else None
 
 
 def _fits(nodes: list[dict], bundle: dict, workers: int, strict: bool = False) -> bool:
@@ -142,6 +165,10 @@ def _describe(workers: int, bundle: dict, placement: str) -> str:
 
 
 def _runtime_env(gcs: str, env_vars: dict[str, str]) -> dict:
+    # under `ray job submit --runtime-env-json`, what the job's env_vars set reaches every process already, and
+    # ray.init refuses to set a variable again ("Failed to merge the Job's runtime env ... because of a conflict")
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    env_vars = {k: v for k, v in env_vars.items() if k not in (job.get("env_vars") or {})}
     # RAY_API_SERVER_ADDRESS, if inherited, would win over RAY_ADDRESS in the state API: clear it
     return {"env_vars": {**env_vars, "RAY_ADDRESS": gcs, "RAY_API_SERVER_ADDRESS": ""}}
 

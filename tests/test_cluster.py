@@ -1,4 +1,4 @@
-"""cluster.yaml, checked offline with the cluster launcher's own code.
+"""cluster.yaml (and cluster-local.yaml, its shape on one machine), checked offline with the launcher's own code.
 
 `ray up` first runs `prepare_config` (merge with ray/autoscaler/aws/defaults.yaml, merge setup commands,
 fill per-type worker limits) and `validate_config` (ray-schema.json and the cross-field checks); see
@@ -19,7 +19,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
-HEAD = "head"
+LOCAL_YAML = ROOT / "cluster-local.yaml"
+HEAD = "ray.head.default"
 # (vCPUs, GPUs) per instance type, from EC2's instance-type pages: the explicit `resources` must match
 # the hardware, since nothing else fills them in when the instance-type lookup is unavailable.
 INSTANCE_SHAPES = {"m5.2xlarge": (8, 0), "g5.2xlarge": (8, 1), "p4d.24xlarge": (96, 8)}
@@ -54,7 +55,7 @@ def test_gpu_workers_scale_from_zero_with_explicit_gpus(prepared):
     types = prepared["available_node_types"]
     head = types[HEAD]
     assert (head["min_workers"], head["max_workers"]) == (0, 0)
-    assert "GPU" not in head["resources"], "the head must not advertise GPUs: trials would be scheduled on it"
+    assert head["resources"] == {"CPU": 0}, "the head must not advertise CPUs or GPUs: trials would train on it"
     workers = {name: t for name, t in types.items() if name != HEAD}
     assert workers
     for name, t in workers.items():
@@ -70,7 +71,7 @@ def test_every_node_type_declares_resources_that_match_its_hardware(raw):
     for name, t in raw["available_node_types"].items():
         assert "resources" in t, f"{name}: set resources explicitly so sizing needs no EC2 lookup"
         cpus, gpus = INSTANCE_SHAPES[t["node_config"]["InstanceType"]]
-        assert t["resources"].get("CPU") == cpus, name
+        assert t["resources"].get("CPU") == (0 if name == HEAD else cpus), name  # the head trains nothing
         assert t["resources"].get("GPU", 0) == gpus, name
         image_ids.add(t["node_config"]["ImageId"])
     assert len(image_ids) == 1, "every node runs the same AMI (the *dlami alias), so Python/torch/CUDA match"
@@ -110,3 +111,15 @@ def test_every_top_level_key_is_explained_by_a_comment():
         if " # " not in line and not line.endswith(" #") and not above.lstrip().startswith("#"):
             uncommented.append(key.group(1))
     assert not uncommented, f"cluster.yaml: add a comment to {uncommented}"
+
+
+def test_the_local_cluster_has_the_same_head_and_the_autoscaler_reads_it_as_is():
+    """The autoscaler reads `--autoscaling-config` as written (no prepare_config), so the file must validate raw."""
+    local, aws = yaml.safe_load(LOCAL_YAML.read_text()), yaml.safe_load(CLUSTER_YAML.read_text())
+    validate_config(local)
+    assert local["provider"]["type"] == "fake_multinode"
+    assert local["head_node_type"] == aws["head_node_type"] == HEAD
+    assert local["available_node_types"][HEAD]["max_workers"] == 0
+    workers = {name: t for name, t in local["available_node_types"].items() if name != HEAD}
+    assert workers and all(t["min_workers"] == 0 and t["resources"]["CPU"] >= 1 for t in workers.values())
+    assert "--num-cpus 0" in LOCAL_YAML.read_text(), "the head trains nothing, as cluster.yaml's"

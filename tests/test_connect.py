@@ -2,6 +2,7 @@
 nobody answers at, a trial no node can hold. Unit tests of the feasibility rule, then the CLI end to end."""
 
 import copy
+import json
 import os
 import shutil
 import socket
@@ -79,11 +80,40 @@ def test_autoscaler_node_types_come_from_the_bootstrap_config(cluster_yaml_types
 
 
 def test_gpus_the_autoscaler_can_add_wait_visibly(cluster_yaml_types):
-    head = [{"CPU": 8.0}]  # cluster.yaml's head: no GPU, GPU workers scale from zero
+    head = [{"CPU": 0.0}]  # cluster.yaml's head: trains nothing; GPU workers scale from zero
     line = connect.feasibility(Resources(use_gpu=True, workers_per_trial=2), head, cluster_yaml_types)
     assert line.startswith("waiting for resources: 2 worker(s) x (1 CPU, 1 GPU)") and "gpu_1xa10g" in line
     with pytest.raises(RecipeError, match=r"^resources\.gpus_per_worker: .* no node has 16 GPU"):
         connect.feasibility(Resources(use_gpu=True, gpus_per_worker=16), head, cluster_yaml_types)
+
+
+def test_autoscaler_node_types_come_from_the_running_autoscaler(tmp_path, monkeypatch):
+    """No bootstrap config (`ray start --head --autoscaling-config cluster-local.yaml`, not `ray up`): the file
+    named on the command line of the process whose pid the autoscaler's status gives, relative to its CWD."""
+    monkeypatch.setattr(connect, "BOOTSTRAP_CONFIG", tmp_path / "absent.yaml")
+    monitor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                                "--autoscaling-config=cluster-local.yaml"], cwd=ROOT)
+    try:
+        status = {"__autoscaling_status": f'{{"monitor_pid": {monitor.pid}}}'.encode()}
+        monkeypatch.setattr(connect.internal_kv, "_internal_kv_get", lambda key: status.get(key))
+        assert {name: (res["CPU"], most) for name, (res, most) in connect.autoscaler_node_types().items()} == \
+            {"cpu_worker": (1, 2)}
+        status.clear()  # no autoscaler
+        assert connect.autoscaler_node_types() == {}
+    finally:
+        monitor.kill()
+        monitor.wait()
+
+
+def test_variables_the_job_sets_already_are_not_set_again(monkeypatch):
+    """`ray job submit --runtime-env-json '{"env_vars": {"AWS_...": ...}}'`: the driver sees them in its own
+    environment and forwards them, but ray.init fails on a variable the job's runtime env sets too."""
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip", "env_vars": {"AWS_ACCESS_KEY_ID": "k"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    env = connect._runtime_env("10.0.0.1:6379", {"AWS_ACCESS_KEY_ID": "k", "HF_TOKEN": "t"})["env_vars"]
+    assert env == {"HF_TOKEN": "t", "RAY_ADDRESS": "10.0.0.1:6379", "RAY_API_SERVER_ADDRESS": ""}
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+    assert _merge_runtime_env(job["runtime_env"], {"env_vars": env}) is not None  # what ray.init checks
 
 
 # ---- the CLI end to end (local Ray, sweeps in subprocesses) ----
