@@ -19,6 +19,7 @@ from ray.experimental import internal_kv
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from palp_trainer import storage as store
+from palp_trainer.config import SMALL_BASES
 from palp_trainer.loop import DECISIONS, decision_key
 from palp_trainer.storage import is_remote, join
 
@@ -32,6 +33,7 @@ from .tracking import (STOPPED_TAG, Tracking, close_open_children, end_run, fail
 from .trial import run_trial, scheduler_key, trial_output_uri
 
 INTERRUPTED = 130  # the shell's code for a Ctrl-C'd command
+STAGED = ".palp-staged"  # written last into a base model copied to storage
 # passed from the driver's environment to every process of the cluster (never printed): storage and MLflow
 # credentials, endpoint overrides (an S3 API that is not AWS), the Hugging Face token for gated bases
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
@@ -101,6 +103,28 @@ def stage_subjects(recipe: Recipe, storage: str) -> Recipe:
     return replace(recipe, subjects=tuple(subjects))
 
 
+def stage_base(recipe: Recipe, storage: str) -> Recipe:
+    """A base model given as a directory on the driver's disk, copied into the storage once (named by its files'
+    sizes and times, so an edited model is copied again), where every node fetches it once. Hub ids go to
+    each node's Hugging Face cache; the built-in bases are in the package."""
+    path = Path(recipe.base_model).expanduser()
+    if recipe.base_model in SMALL_BASES or not path.is_dir():
+        return recipe
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    listing = "\n".join(f"{f.relative_to(path)} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files)
+    target = join(storage, "models", f"{path.name}-{hashlib.sha256(listing.encode()).hexdigest()[:16]}")
+    done = join(target, STAGED)
+    if not store.exists(done):
+        store.upload(path, target)
+        store.upload(_empty_file(), done)  # last: a copy cut short is copied again
+    return replace(recipe, base_model=target)
+
+
+def _empty_file() -> str:
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        return f.name
+
+
 def trial_resources(recipe: Recipe) -> dict:
     r = recipe.resources
     return {"CPU": r.workers_per_trial * r.cpus_per_worker,
@@ -152,6 +176,9 @@ def build_tuner(recipe: Recipe, storage: str, resume: bool, tracking: Tracking) 
         tune.with_parameters(run_trial, recipe=recipe, storage_path=storage, tracking=tracking),
         {k.lower(): v for k, v in TRIAL_ACTOR.items()})  # on the head; it only waits on its TorchTrainer
     experiment = os.path.join(storage, recipe.name)
+    # a checkpoint reported before a trial's first evaluation carries no score yet (train_loop); the scheduler
+    # ignores such reports, and Tune must not reject them
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if resume:
         return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
@@ -277,6 +304,8 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
     connect(resolve_address(address), env_vars={"TOKENIZERS_PARALLELISM": "false", **forwarded})
     check_feasible(recipe)  # a trial no node can ever hold: exit 2 now, not a worker group retried forever
     check_nodes(recipe, storage, uri)
+    if is_remote(storage):
+        recipe = stage_base(recipe, storage)
     if is_remote(storage) or recipe.storage_shared:
         recipe = stage_subjects(recipe, storage)  # every node reads the photos from there
     tracking = start_sweep(uri, recipe, recipe_path, storage, overrides, resume=resume)

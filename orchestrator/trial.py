@@ -1,7 +1,6 @@
 """One Tune trial: a Ray Train TorchTrainer running `train_loop` on the trial's (pair, hyperparameters)."""
 
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,11 +42,12 @@ def trial_output_uri(storage_path: str, recipe: Recipe, pair: str, trial_id: str
 
 
 def trial_output_dir(storage_path: str, recipe: Recipe, pair: str, trial_id: str) -> str:
-    """Where rank 0 writes them: in the storage itself when it is a path, else node-local scratch that rank 0
-    copies to `trial_output_uri` after every checkpoint and at the end (TrainConfig.output_uri)."""
+    """Where rank 0 writes them: in the storage itself when it is a path, else a folder relative to the
+    temp dir of whichever node rank 0 runs on, which rank 0 copies to `trial_output_uri` after every checkpoint
+    and at the end (TrainConfig.output_uri)."""
     if not is_remote(storage_path):
         return trial_output_uri(storage_path, recipe, pair, trial_id)
-    return str(Path(tempfile.gettempdir()) / "palp-sweep" / recipe.name / "trials" / pair / trial_id)
+    return str(Path("palp-sweep") / recipe.name / "trials" / pair / trial_id)
 
 
 def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Tracking) -> None:

@@ -29,7 +29,11 @@ class Base:
 
 
 def resolve_base(ref: str) -> str:
-    """"world" -> the packaged world base's directory; any other ref as given."""
+    """"world" -> the packaged world base's directory; a storage URI (a base the sweep staged there) -> this
+    node's cached copy; any other ref (hub id: the node's Hugging Face cache) as given."""
+    from .storage import cached, is_remote
+    if is_remote(ref):
+        return str(cached(ref))
     return str(WORLD_DIR) if ref == "world" else ref
 
 
