@@ -63,6 +63,15 @@ def _listening(port: int) -> bool:
     return True
 
 
+def _or_stop(part, start) -> None:
+    """Run `start()`; if it fails, stop `part` (nothing half-started is left running) and re-raise."""
+    try:
+        start()
+    except BaseException:
+        part.stop()
+        raise
+
+
 class Session:
     """A process started in a session of its own; `stop` ends it and everything it started."""
 
@@ -85,8 +94,8 @@ class S3Server:
         self.env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}"}
         self.session = Session([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
                                {**os.environ, **self.env}, workdir / "s3.log")
-        wait_for(lambda: _listening(self.port), "moto_server")
-        self.client().create_bucket(Bucket=bucket)
+        _or_stop(self, lambda: (wait_for(lambda: _listening(self.port), "moto_server"),
+                                self.client().create_bucket(Bucket=bucket)))
 
     def client(self):
         import boto3
@@ -119,8 +128,8 @@ class MlflowServer:
                                 "--backend-store-uri", f"sqlite:///{workdir / 'mlflow-server' / 'mlflow.db'}",
                                 "--artifacts-destination", s3.uri("mlartifacts"), "--workers", "1"],
                                env, workdir / "mlflow-server.log")
-        wait_for(lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200,
-                 "mlflow server", timeout=180)
+        _or_stop(self, lambda: wait_for(lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200,
+                                        "mlflow server", timeout=180))
 
     def stop(self) -> None:
         self.session.stop()
@@ -143,7 +152,8 @@ class RayCluster:
         self.nodes: dict[int, Session] = {}
         self._start(0, ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
                         "--dashboard-port", str(self.dashboard_port)], head_cpus)
-        wait_for(lambda: _answers(f"{self.dashboard}/api/version"), "Ray dashboard", timeout=180)
+        _or_stop(self, lambda: wait_for(lambda: _answers(f"{self.dashboard}/api/version"), "Ray dashboard",
+                                        timeout=180))
 
     def add_node(self, cpus: float = 1) -> int:
         """Start worker node i and wait until it is alive (on 2 busy cores a node can time out in its

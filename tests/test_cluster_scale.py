@@ -30,14 +30,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class Cloud:
     def __init__(self, workdir: Path):
-        self.s3 = S3Server(workdir)
-        self.mlflow = MlflowServer(workdir, self.s3)
-        self.cluster = RayCluster(workdir, head_cpus=0)  # like cluster.yaml's head: nothing trains there
-        self.cluster.connect(env=self.s3.env)
-        self.workers = [self.cluster.add_node(cpus=1), self.cluster.add_node(cpus=1)]
+        self.parts = []  # started so far, stopped in reverse order (also when a later part fails to start)
+        try:
+            self.s3 = self._started(S3Server(workdir))
+            self.mlflow = self._started(MlflowServer(workdir, self.s3))
+            # like cluster.yaml's head: nothing trains there
+            self.cluster = self._started(RayCluster(workdir, head_cpus=0))
+            self.cluster.connect(env=self.s3.env)
+            self.workers = [self.cluster.add_node(cpus=1), self.cluster.add_node(cpus=1)]
+        except BaseException:
+            self.stop()
+            raise
+
+    def _started(self, part):
+        self.parts.append(part)
+        return part
 
     def stop(self):
-        for part in (self.cluster, self.mlflow, self.s3):
+        for part in reversed(self.parts):
             part.stop()
 
 
