@@ -213,16 +213,9 @@ class RayCluster:
 
     def kill_node(self, i: int) -> None:
         """Lose node i at once, as a machine that dies: SIGKILL to every process of its session."""
-        from .ray_procs import session_processes
-        import psutil
-        procs = session_processes(self.nodes[i].proc.pid)
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-        del self.nodes[i]
+        node = self.nodes.pop(i)
+        stop_session(node.proc.pid, graceful=False)
+        node.proc.wait(timeout=30)
 
     def stop(self) -> None:
         import ray

@@ -24,15 +24,18 @@ def session_processes(sid: int) -> list[psutil.Process]:
     return list(found.values())
 
 
-def stop_session(sid: int, timeout: float = 30) -> None:
-    """SIGTERM every process of session `sid`; SIGKILL what is left after `timeout` s."""
+def stop_session(sid: int, timeout: float = 30, graceful: bool = True) -> None:
+    """SIGTERM every process of session `sid`; SIGKILL what is left after `timeout` s (at once, without
+    `graceful`: a machine that dies)."""
     procs = session_processes(sid)
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = procs
+    if graceful:
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
     for p in alive:
         try:
             p.kill()
