@@ -348,6 +348,8 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
         print(f"registered: models:/{r['name']}/{r['version']}" + ("  (champion)" if r["champion"] else "")
               + (f"  ({r['note']})" if r.get("note") else ""))
     print(f"browse: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"browse: {mask(uri)}")
+    if registered and uri != f"sqlite:///{Path.cwd() / 'mlflow.db'}":  # where `models` looks by default
+        print(f"models: palp-sweep models list --tracking-uri {mask(uri)}")
     if failed:
         print("palp-sweep: pairs with no finished trial: " + " | ".join(failed))
         return 1
