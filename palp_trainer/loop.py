@@ -300,7 +300,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     if rank == 0:
         export_adapter(output / "adapter", base.unet, embedding, manifest(source, step))
         publish(output, config)
-        metrics["adapter"] = storage.join(config.output_uri, "adapter") if config.output_uri else str(output / "adapter")
+        metrics["adapter"] = storage.join(config.output_uri or str(output), "adapter")
         if log:
             log.flush()
             log.artifacts(output / "adapter", "adapter")
