@@ -23,6 +23,7 @@ from palp_trainer.config import SMALL_BASES
 from palp_trainer.loop import DECISIONS, decision_key
 from palp_trainer.storage import is_remote, join
 
+from .base_model import check_base
 from .connect import TRIAL_ACTOR, autoscaler_node_types, check_feasible, connect, resolve_address
 from .recipe import Recipe, RecipeError
 from .registry import register_best
@@ -295,6 +296,7 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
               overrides: tuple[str, ...] = (), address: str | None = None) -> int:
     storage = resolve_storage(recipe.storage_path)
     check_storage(storage)
+    check_base(recipe.base_model)  # a missing or unsupported model: exit 2 now, not once per trial
     uri = resolve_tracking_uri(recipe.mlflow.tracking_uri, storage, in_job=in_job_working_dir())
     preflight(uri, nodes=1)  # unreachable or misconfigured: exit 2 before Ray starts
     experiment = os.path.join(storage, recipe.name)
