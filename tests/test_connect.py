@@ -256,3 +256,17 @@ def test_a_trial_no_node_can_hold_fails_before_any_trial(override, field, tmp_pa
     err = _errors(capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith(f"palp-sweep: error: {field}"), err
     assert not (tmp_path / "smoke").exists()  # no trial, no Tune experiment
+
+
+@pytest.mark.parametrize("placement, strategy", [("pack", "PACK"), ("spread", "SPREAD"),
+                                                 ("strict_spread", "STRICT_SPREAD")])
+def test_the_placement_knob_reaches_ray_train(placement, strategy):
+    from orchestrator.recipe_yaml import load_recipe
+    from orchestrator.trial import scaling_config
+
+    recipe = load_recipe(ROOT / "recipes/smoke.yaml", (f"resources.placement={placement}",
+                                                       "resources.workers_per_trial=2"))
+    config = scaling_config(recipe)
+    assert (config.placement_strategy, config.num_workers) == (strategy, 2)
+    with pytest.raises(RecipeError, match=r"^resources\.placement: must be one of pack, spread, strict_spread"):
+        load_recipe(ROOT / "recipes/smoke.yaml", ("resources.placement=scatter",))
