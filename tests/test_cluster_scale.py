@@ -170,8 +170,9 @@ def test_a_lost_node_costs_at_most_one_checkpoint_interval(cloud, tmp_path):
     job = tmp_path / "job"
     job.mkdir()
     env = {**os.environ, **ray_env(), **cloud.s3.env, "PYTHONUNBUFFERED": "1"}
-    args = [str(BIN / "palp-sweep"), str(ROOT / "recipes/smoke.yaml"), f"mlflow.tracking_uri={cloud.mlflow.uri}",
-            f"storage_path={cloud.s3.uri('loss')}", "search.alignment=palp", f"search.steps=[{steps}]",
+    # its own name: the other sweeps' trial folders stay in the nodes' temp dirs
+    args = [str(BIN / "palp-sweep"), str(ROOT / "recipes/smoke.yaml"), "name=lossy",
+            f"mlflow.tracking_uri={cloud.mlflow.uri}", f"storage_path={cloud.s3.uri('loss')}", "search.alignment=palp", f"search.steps=[{steps}]",
             f"train.checkpoint_every={every}", "scheduler.type=fifo", "eval.methods=[cfg]", "eval.num_images=1",
             "--address", cloud.cluster.address]
     started = time.monotonic()
@@ -181,7 +182,7 @@ def test_a_lost_node_costs_at_most_one_checkpoint_interval(cloud, tmp_path):
             """Last step in each worker node's local metrics.jsonl."""
             found = {}
             for i in cloud.workers:
-                for f in cloud.cluster.scratch(i).glob("palp-sweep/smoke/trials/*/*/metrics.jsonl"):
+                for f in cloud.cluster.scratch(i).glob("palp-sweep/lossy/trials/*/*/metrics.jsonl"):
                     lines = f.read_text().splitlines()
                     if lines:
                         found[i] = json.loads(lines[-1])["step"]
@@ -190,7 +191,7 @@ def test_a_lost_node_costs_at_most_one_checkpoint_interval(cloud, tmp_path):
         def registered() -> int:
             """The last step whose checkpoint Ray Train has registered (a checkpoint counts once the controller
             has it: its health check polls the workers every 2 s)."""
-            found = [k for k in cloud.s3.keys("loss/smoke/train/") if k.endswith("checkpoint_manager_snapshot.json")]
+            found = [k for k in cloud.s3.keys("loss/lossy/train/") if k.endswith("checkpoint_manager_snapshot.json")]
             if not found:
                 return 0
             text = storage.filesystem(cloud.s3.uri(found[0]))[0].open_input_stream(f"palp/{found[0]}").read()
@@ -211,7 +212,7 @@ def test_a_lost_node_costs_at_most_one_checkpoint_interval(cloud, tmp_path):
         cloud.cluster.kill_node(lost)
         killed = time.monotonic()
         last_before = json.loads((next(cloud.cluster.scratch(lost).glob(
-            "palp-sweep/smoke/trials/*/*/metrics.jsonl"))).read_text().splitlines()[-1])["step"]
+            "palp-sweep/lossy/trials/*/*/metrics.jsonl"))).read_text().splitlines()[-1])["step"]
         (other,) = [i for i in cloud.workers if i != lost]
         while other not in progress():
             assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -228,12 +229,12 @@ def test_a_lost_node_costs_at_most_one_checkpoint_interval(cloud, tmp_path):
     assert resumed and resumed[-1] % every == 0, out[-4000:]
     redone = last_before - resumed[-1]
     assert 0 <= redone <= every
-    trial_dir = next(cloud.cluster.scratch(other).glob("palp-sweep/smoke/trials/*/*"))
-    uri = cloud.s3.uri(f"loss/smoke/trials/{trial_dir.parent.name}/{trial_dir.name}")
+    trial_dir = next(cloud.cluster.scratch(other).glob("palp-sweep/lossy/trials/*/*"))
+    uri = cloud.s3.uri(f"loss/lossy/trials/{trial_dir.parent.name}/{trial_dir.name}")
     assert [m["step"] for m in read_jsonl(f"{uri}/metrics.jsonl")] == list(range(1, steps + 1))
     assert storage.exists(f"{uri}/adapter/manifest.json")
     client = MlflowClient(cloud.mlflow.uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
+    (run,) = client.search_runs([client.get_experiment_by_name("lossy").experiment_id],
                                 f"tags.`palp.trial_id` = '{trial_dir.name}'")
     assert run.info.status == "FINISHED"
     history = [m.step for m in client.get_metric_history(run.info.run_id, "denoise_loss")]
