@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -117,13 +118,8 @@ def stage_base(recipe: Recipe, storage: str) -> Recipe:
     done = join(target, STAGED)
     if not store.exists(done):
         store.upload(path, target)
-        store.upload(_empty_file(), done)  # last: a copy cut short is copied again
+        store.touch(done)  # last: a copy cut short is copied again
     return replace(recipe, base_model=target)
-
-
-def _empty_file() -> str:
-    with tempfile.NamedTemporaryFile(delete=False) as f:
-        return f.name
 
 
 def trial_resources(recipe: Recipe) -> dict:
@@ -326,6 +322,7 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
         client.log_artifacts(tracking.parent_run_id, str(report_dir), "report")
         if is_remote(storage):
             store.upload(report_dir, report_uri)
+            shutil.rmtree(report_dir)  # the driver's copy: the storage holds the report
     except KeyboardInterrupt:  # SIGTERM, or a second Ctrl-C while Tune was stopping
         close_open_children(tracking, "KILLED", "interrupted: resume with --resume")
         end_run(client, tracking.parent_run_id, "KILLED", "interrupted")

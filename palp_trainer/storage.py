@@ -45,6 +45,14 @@ def upload(local: str | Path, uri: str) -> None:
     pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def touch(uri: str) -> None:
+    """An empty file at `uri` (a marker)."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path):
+        pass
+
+
 def download(uri: str, local: str | Path) -> bool:
     """Copy a file or folder at `uri` to `local`; False if there is nothing at `uri`."""
     fs, path = filesystem(uri)
