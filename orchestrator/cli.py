@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override a recipe field, e.g. train.rank=4 search.alpha=[7.5,15] subjects[0].class_word=dog")
     p.add_argument("--dry-run", action="store_true", help="validate, print the trial table and resources; run nothing")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="with --dry-run: the GPUs the estimate spreads trials over (default: "
+                        "resources.max_concurrent_trials trials at a time, else one)")
     p.add_argument("--resume", action="store_true", help="continue the sweep stored under storage_path/<name>")
     p.add_argument("--address", metavar="HOST:PORT",
                    help="the Ray cluster's GCS address (or auto); default: RAY_ADDRESS (set by `ray job submit`), "
@@ -68,7 +71,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def dry_run(recipe: Recipe) -> None:
+def dry_run(recipe: Recipe, gpus: int | None = None) -> None:
+    from .estimate import estimate, format_estimate
     from .search_space import expand_trials
 
     rows = expand_trials(recipe)
@@ -82,14 +86,17 @@ def dry_run(recipe: Recipe) -> None:
     print()
     print(format_table(rows))
     print()
-    gpus = r.workers_per_trial * r.gpus_per_worker
+    trial_gpus = r.workers_per_trial * r.gpus_per_worker
     global_batch = r.workers_per_trial * recipe.train.batch_size * recipe.train.grad_accum
     print(f"resources per trial: {r.workers_per_trial} worker(s) x ({r.cpus_per_worker:g} CPU"
           + (f", {r.gpus_per_worker:g} GPU" if r.use_gpu else "") + f") = {r.workers_per_trial * r.cpus_per_worker:g}"
-          f" CPU, {gpus:g} GPU; global batch {global_batch}")
+          f" CPU, {trial_gpus:g} GPU; global batch {global_batch}")
     print("max concurrent trials: " + (str(r.max_concurrent_trials) if r.max_concurrent_trials
                                        else "as many as the cluster fits (decided at run time)"))
     print(f"storage: {recipe.storage_path}/{recipe.name}")
+    slots = max(1, gpus // max(1, int(trial_gpus))) if gpus else r.max_concurrent_trials or 1
+    print()
+    print(format_estimate(recipe, estimate(recipe, rows, slots)))
 
 
 def _sweep(argv: list[str]) -> int:
@@ -97,8 +104,10 @@ def _sweep(argv: list[str]) -> int:
     if args.dry_run and args.resume:
         raise UsageError("--dry-run and --resume do not combine: a dry run starts nothing to resume")
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.gpus is not None and (not args.dry_run or args.gpus < 1):
+        raise UsageError("--gpus: a number of GPUs >= 1, with --dry-run")
     if args.dry_run:
-        dry_run(recipe)
+        dry_run(recipe, args.gpus)
         return 0
     from .sweep import run_sweep  # imports Ray, MLflow and the trainer
 

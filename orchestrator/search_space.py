@@ -21,10 +21,34 @@ def _domain(dim: Dim):
     return tune.uniform(lo, hi) if dim.kind == "uniform" else tune.loguniform(lo, hi)
 
 
+# what the baseline arm (alignment: none) never reads: a grid over these holds one baseline point, not one per value
+ALIGNMENT_KNOBS = ("alpha", "beta", "align_weight", "align_every", "same_noise")
+
+
+def grid_points(recipe: Recipe) -> list[dict]:
+    """The grid dims crossed, in order; a point of the baseline arm keeps only the knobs it uses, so α x β x rank
+    with `alignment: [palp, none]` trains one baseline per rank instead of one per (α, β, rank)."""
+    grid = {k: d.values for k, d in recipe.search.dims.items() if d.kind == "grid"}
+    points = []
+    for values in itertools.product(*grid.values()):
+        point = dict(zip(grid, values))
+        if point.get("alignment", recipe.train.alignment) == "none":
+            point = {k: v for k, v in point.items() if k not in ALIGNMENT_KNOBS}
+        if point not in points:
+            points.append(point)
+    return points
+
+
 def param_space(recipe: Recipe) -> dict:
-    """Tune domains for the searched knobs, plus a grid over the recipe's (subject set, prompt) pairs."""
-    return {"pair": tune.grid_search(recipe.pair_ids()),
-            **{knob: _domain(dim) for knob, dim in recipe.search.dims.items()}}
+    """Tune's space: a grid over the (subject set, prompt) pairs, one over `grid_points` (a dict per point, under
+    "point"), and the sampled or fixed knobs."""
+    return {"pair": tune.grid_search(recipe.pair_ids()), "point": tune.grid_search(grid_points(recipe)),
+            **{knob: _domain(dim) for knob, dim in recipe.search.dims.items() if dim.kind != "grid"}}
+
+
+def hparams_of(config: dict) -> dict:
+    """A trial's searched knobs, flat: its grid point's and the sampled ones (the pair left out)."""
+    return {**config.get("point", {}), **{k: v for k, v in config.items() if k not in ("pair", "point")}}
 
 
 def train_config(recipe: Recipe, pair_id: str, hparams: dict, output_dir: str) -> TrainConfig:
@@ -54,13 +78,11 @@ def expand_trials(recipe: Recipe) -> list[dict]:
     """The trial table `--dry-run` prints: grids expanded, sampled dims as their distribution,
     repeated num_samples times (what Tune will run, before ASHA stops any)."""
     dims = recipe.search.dims
-    grid = {k: d.values for k, d in dims.items() if d.kind == "grid"}
     r = recipe.resources
     rows = []
     for _ in range(recipe.search.num_samples):
-        for pair, *values in itertools.product(recipe.pair_ids(), *grid.values()):
-            chosen = dict(zip(grid, values))
-            hparams = {k: chosen[k] if k in chosen else d.describe() for k, d in dims.items()}
+        for pair, point in itertools.product(recipe.pair_ids(), grid_points(recipe)):
+            hparams = {k: point.get(k, "-") if d.kind == "grid" else d.describe() for k, d in dims.items()}
             rows.append({"trial": len(rows), "pair": pair, **hparams, "workers": r.workers_per_trial,
                          "cpus_per_worker": r.cpus_per_worker, "gpus_per_worker": r.gpus_per_worker})
     return rows

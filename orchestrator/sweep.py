@@ -28,7 +28,7 @@ from .base_model import check_base
 from .connect import TRIAL_ACTOR, autoscaler_node_types, check_feasible, connect, resolve_address
 from .recipe import Recipe, RecipeError
 from .registry import register_best
-from .search_space import param_space
+from .search_space import hparams_of, param_space
 from .selection import pareto_front, plot_curves, plot_pareto
 from .tracking import (STOPPED_TAG, Tracking, close_open_children, end_run, fail_run, mask, preflight, reason,
                        resolve_tracking_uri, start_sweep)
@@ -202,8 +202,8 @@ def summarize(recipe: Recipe, results, report_dir: Path, report_uri: str | None 
     for result in results:
         m = result.metrics or {}
         row = {"trial_id": m.get("trial_id", Path(result.path).name), "pair": result.config["pair"],
-               "hparams": {k: v for k, v in result.config.items() if k != "pair"},
-               "alignment": result.config.get("alignment", recipe.train.alignment),
+               "hparams": hparams_of(result.config),
+               "alignment": hparams_of(result.config).get("alignment", recipe.train.alignment),
                "step": m.get("step"), "error": reason(result.error) if result.error else None,
                "adapter": None, "best_method": m.get("best_method"),
                **{k: m.get(k, float("nan")) for k in (*keys, metric, recipe.mlflow.champion_metric or metric)}}

@@ -14,7 +14,7 @@ from palp_trainer.loop import train_loop
 from palp_trainer.storage import is_remote, join
 
 from .recipe import PLACEMENTS, Recipe
-from .search_space import train_config
+from .search_space import hparams_of, train_config
 from .tracking import Tracking, end_run, fail_run, reason
 
 
@@ -53,7 +53,7 @@ def trial_output_dir(storage_path: str, recipe: Recipe, pair: str, trial_id: str
 def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Tracking) -> None:
     """Tune function trainable. Metrics reach Tune through TuneReportCallback at every milestone."""
     trial_id = ray.tune.get_context().get_trial_id()
-    hparams = {k: v for k, v in params.items() if k != "pair"}
+    hparams = hparams_of(params)
     config = train_config(recipe, params["pair"], hparams,
                           trial_output_dir(storage_path, recipe, params["pair"], trial_id))
     if is_remote(storage_path):

@@ -306,7 +306,7 @@ def test_dry_run_with_overrides(capsys):
     code, out, _ = run_main([str(ROOT / "recipes" / "smoke.yaml"), "search.alpha=[5,7.5,15]", "search.num_samples=2",
                              "--dry-run"], capsys)
     assert code == 0
-    assert "12 trial(s) = 1 pair(s) x 6 grid point(s) x 2 sample(s)" in out  # 3 alphas x 2 alignments
+    assert "8 trial(s) = 1 pair(s) x 4 grid point(s) x 2 sample(s)" in out  # PALP at 3 alphas, one baseline
 
 
 def test_module_entry_point_has_no_traceback(tmp_path):

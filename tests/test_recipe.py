@@ -9,7 +9,7 @@ from ray.tune.search.sample import Categorical, Float
 
 from orchestrator.recipe import Recipe, RecipeError, TrainDefaults
 from orchestrator.recipe_yaml import apply_override, load_recipe
-from orchestrator.search_space import expand_trials, param_space, train_config
+from orchestrator.search_space import expand_trials, grid_points, hparams_of, param_space, train_config
 from palp_trainer.config import TINY_RESOLUTION, TrainConfig
 from tests.conftest import write_images
 
@@ -108,10 +108,11 @@ def test_pairs_train_all_subjects_a_prompt_mentions(tmp_path):
 @pytest.mark.parametrize("name", ["multi_subject.yaml", "art_inspired.yaml"])
 def test_shipped_multi_subject_recipes_train_both_tokens_in_one_pair(name):
     r = load_recipe(ROOT / "recipes" / name)
-    (pair,) = r.pair_ids()
-    subjects, prompt = r.pair_parts(pair)
-    assert [s.token for s in subjects] == ["[V1]", "[V2]"]
-    assert "[" not in prompt.clean
+    assert len(r.pair_ids()) >= 2  # a sweep over several target prompts
+    for pair in r.pair_ids():
+        subjects, prompt = r.pair_parts(pair)
+        assert {s.token for s in subjects} == {"[V1]", "[V2]"}
+        assert "[" not in prompt.clean
 
 
 def test_overrides_apply_before_validation(tmp_path):
@@ -141,13 +142,30 @@ def test_param_space_domains(tmp_path):
         "align_weight": {"uniform": [0.5, 2]}, "alignment": ["palp", "sds"]}))
     space = param_space(r)
     assert space["pair"] == {"grid_search": ["cat__a-sketch-of-v1"]}
-    assert space["alpha"] == {"grid_search": [7.5, 15.0]}
-    assert space["alignment"] == {"grid_search": ["palp", "sds"]}
+    assert space["point"] == {"grid_search": [{"alpha": 7.5, "alignment": "palp"}, {"alpha": 7.5, "alignment": "sds"},
+                                              {"alpha": 15.0, "alignment": "palp"}, {"alpha": 15.0, "alignment": "sds"}]}
     assert space["beta"] == 1.0
     assert isinstance(space["rank"], Categorical) and space["rank"].categories == [4, 8]
     assert isinstance(space["lr"], Float) and (space["lr"].lower, space["lr"].upper) == (1e-5, 1e-4)
     assert isinstance(space["align_weight"], Float)
-    assert set(space) == {"pair", "alpha", "beta", "rank", "lr", "align_weight", "alignment"}
+    assert set(space) == {"pair", "point", "beta", "rank", "lr", "align_weight"}
+    assert hparams_of({"pair": "p", "point": {"alpha": 15.0, "alignment": "sds"}, "lr": 2e-5}) == {
+        "alpha": 15.0, "alignment": "sds", "lr": 2e-5}
+
+
+def test_the_baseline_arm_is_one_point_per_value_of_the_knobs_it_uses(tmp_path):
+    r = load_recipe(write_recipe(tmp_path, search={
+        "alignment": ["palp", "none"], "alpha": [7.5, 15], "beta": [0.5, 1.0], "rank": [4, 8], "align_every": [1, 2]}))
+    points = grid_points(r)
+    palp = [p for p in points if p["alignment"] == "palp"]
+    assert len(palp) == 16 and len({tuple(sorted(p.items())) for p in palp}) == 16
+    assert [p for p in points if p["alignment"] == "none"] == [{"alignment": "none", "rank": 4},
+                                                               {"alignment": "none", "rank": 8}]
+    table = expand_trials(r)
+    assert len(table) == 18 and {row["alpha"] for row in table if row["alignment"] == "none"} == {"-"}
+    # a baseline-only recipe: alpha is not crossed with anything
+    r = load_recipe(write_recipe(tmp_path, train={"alignment": "none"}, search={"alpha": [7.5, 15], "rank": [4, 8]}))
+    assert grid_points(r) == [{"rank": 4}, {"rank": 8}]
 
 
 def test_train_config_for_one_trial(tmp_path):
