@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from palp_trainer.config import SubjectSpec
 from palp_trainer.export import export_adapter, load_into_pipeline, read_manifest
-from palp_trainer.export_kohya import kohya_state_dict
+from palp_trainer.export_kohya import kohya_state_dict, lora_name, trigger_words
 from palp_trainer.loop import build, manifest
 from palp_trainer.models import add_lora
 from palp_trainer.tiny import build_tiny, save_tiny
@@ -217,3 +217,9 @@ def test_embeddings_are_a1111_safetensors_named_by_trigger(exported):
         assert torch.equal(emb["emb_params"][0], load_file(adapter / m["embeddings"][token])[token])
     assert not list(adapter.rglob("*.pt")) and not list(adapter.rglob("*.ckpt"))
     assert json.loads((adapter / "manifest.json").read_text())["triggers"] == m["triggers"]
+
+
+def test_trigger_words_are_plain_and_unique():
+    subjects = [{"name": "Cat", "token": "[V1]"}, {"name": "cat", "token": "<v1>"}, {"name": "My Mug!", "token": "*"}]
+    assert trigger_words(subjects) == {"[V1]": "palp_cat_v1", "<v1>": "palp_cat_v1_2", "*": "palp_my_mug"}
+    assert lora_name(subjects) == "palp_cat_cat_my_mug"
