@@ -1,5 +1,6 @@
 """`palp-sweep generate SOURCE --prompt ...`: sample an exported adapter with CFG, personalization guidance
-or AlignIT on fixed seeds, save the images and a grid, and score them when the references are at hand.
+or AlignIT on fixed seeds, save the images and a grid, and score them: CLIP-T against the clean prompt, CLIP-I
+against the reference images the adapter carries (skipped, with a line saying why, when they are missing).
 
     palp-sweep generate runs/smoke/.../adapter --prompt "A sketch of [V1]" --method cfg,pg,alignit --seeds 0,1,2,3
     palp-sweep generate "models:/palp-cat-a-sketch-of-v1@champion" --prompt "A sketch of [V1]" --method pg --omega 0.6
@@ -121,18 +122,19 @@ def _default_clip(base_model: str) -> str:
     return "tiny" if hidden == _TINY_TEXT_HIDDEN else DEFAULT_CLIP
 
 
-def _references(manifest: dict, used: list[str]) -> tuple[list[list[Image.Image]] | None, str]:
-    """Each prompted subject's training images, or (None, why not)."""
+def _references(adapter: Path, manifest: dict, used: list[str]) -> tuple[list[list[Image.Image]] | None, str]:
+    """Each prompted subject's reference images, which the adapter folder carries, or (None, why not)."""
     refs = []
     for subject in manifest["subjects"]:
         if subject["token"] not in used:
             continue
-        files = [Path(f) for f in subject["images"]]
+        files = [adapter / image["file"] for image in subject["images"]]
         missing = [f for f in files if not f.is_file()]
         if not files:
             return None, f"the manifest lists no reference images for {subject['token']}"
         if missing:
-            return None, f"the reference images of {subject['token']} are gone ({missing[0]})"
+            return None, (f"{len(missing)} of the {len(files)} reference images of {subject['token']} are missing "
+                          f"from the adapter ({missing[0]})")
         try:
             refs.append([read_image(f) for f in files])
         except DataError as e:
@@ -195,12 +197,12 @@ def _run(args) -> int:
 
     scorer, refs, why = None, None, "--no-score"
     if not args.no_score:
-        refs, why = _references(manifest, used)
+        refs, why = _references(adapter, manifest, used)
     world_judge = manifest["base_model"] == "world" and not args.clip_model
-    if refs and world_judge:
+    if refs and world_judge:  # the judge reads the subjects off their references: nothing to score without them
         from palp_trainer.judge import WorldJudge
         scorer = WorldJudge()
-    elif refs:  # load before sampling: a missing checkpoint fails in seconds, not after the images
+    elif not args.no_score and not world_judge:  # before sampling: a missing checkpoint fails in seconds
         clip = args.clip_model or _default_clip(manifest["base_model"])
         try:
             with _quiet_hub():
@@ -251,8 +253,13 @@ def _run(args) -> int:
             print(f"  {label:<{width}}  judge_text {s['judge_text']:.4f}  judge_subject {s['judge_subject']:.4f}  "
                   f"judge_success {s['judge_success']:.2f}")
         return 0
+    if refs is None:  # CLIP-T needs only the prompt
+        print(f"CLIP-I skipped: {why}")
     print(f"scores vs {clean!r} ({scorer.clip_id}, raw cosine):")
     for label, images in rows.items():
+        if refs is None:
+            print(f"  {label:<{width}}  clip_t {scorer.clip_t(images, clean):.4f}")
+            continue
         s = scorer.score(images, clean, refs)
         print(f"  {label:<{width}}  clip_t {s['clip_t']:.4f}  clip_i {s['clip_i']:.4f}")
     return 0

@@ -65,8 +65,8 @@ def _to_rgb(im: Image.Image, file_format: str | None, path: Path) -> Image.Image
     return im.convert("RGB")
 
 
-def load_image(path: str | Path, resolution: int, allow_upscale: bool = False) -> torch.Tensor:
-    """Resize the short side to `resolution`, center-crop; returns [3, H, W] in [-1, 1]."""
+def crop_image(path: str | Path, resolution: int, allow_upscale: bool = False) -> Image.Image:
+    """Resize the short side to `resolution`, center-crop: what training and CLIP-I / DINO see of an image."""
     path = Path(path)
     im = read_image(path)
     w, h = im.size
@@ -77,7 +77,12 @@ def load_image(path: str | Path, resolution: int, allow_upscale: bool = False) -
     im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
     w, h = im.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
+    return im.crop((left, top, left + resolution, top + resolution))
+
+
+def load_image(path: str | Path, resolution: int, allow_upscale: bool = False) -> torch.Tensor:
+    """`crop_image` as [3, H, W] in [-1, 1]."""
+    im = crop_image(path, resolution, allow_upscale)
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     return x.permute(2, 0, 1).contiguous()
 

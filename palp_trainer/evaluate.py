@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from .config import EvalConfig, TrainConfig, method_of
-from .data import load_image
+from .data import crop_image
 from .models import Base, masters_as
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
@@ -137,13 +137,9 @@ def save_grid(images: list[Image.Image], path: Path) -> Path:
 
 
 def reference_images(config: TrainConfig) -> list[list[Image.Image]]:
-    """Each subject's inputs at training resolution, for CLIP-I / DINO against its own references."""
-    refs = []
-    for s in config.subjects:
-        pixels = [load_image(f, config.resolution, config.allow_upscale) for f in s.images]
-        refs.append([Image.fromarray(((p.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
-                     for p in pixels])
-    return refs
+    """Each subject's inputs at training resolution, for CLIP-I / DINO against its own references
+    (the images an exported adapter carries in its references/ folder)."""
+    return [[crop_image(f, config.resolution, config.allow_upscale) for f in s.images] for s in config.subjects]
 
 
 def evaluate_adapter(config: TrainConfig, base: Base, step: int, out_dir: Path,

@@ -1,15 +1,18 @@
-"""Adapter files that stock diffusers loads: LoRA weights, one learned_embeds file per placeholder, manifest.
+"""Adapter files that stock diffusers loads: LoRA weights, one learned_embeds file per placeholder, manifest;
+the subjects' reference images (what CLIP-I / DINO score against) and the same adapter for ComfyUI / A1111 /
+kohya tools (export_kohya). Every file the manifest names is inside the adapter folder.
 
     pipe = StableDiffusionPipeline.from_pretrained(manifest["base_model"])
     pipe.load_lora_weights(adapter_dir)
     pipe.load_textual_inversion(adapter_dir / "learned_embeds-V1.safetensors", token="[V1]")
 """
 
+import hashlib
 import json
 import math
 import re
 import reprlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -19,11 +22,13 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .data import DataError
+from .data import DataError, crop_image
+from .export_kohya import export_for_tools, trigger_words
 from .models import Base, add_lora, add_placeholders, load_base
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "manifest.json"
+REFERENCES_DIR = "references"
 
 
 class AdapterError(DataError):
@@ -34,8 +39,12 @@ def embeds_file(token: str) -> str:
     return f"learned_embeds-{re.sub(r'[^A-Za-z0-9]+', '', token) or 'token'}.safetensors"
 
 
-def export_adapter(directory: str | Path, unet, embedding, manifest: dict) -> Path:
-    """Write `pytorch_lora_weights.safetensors`, `learned_embeds-*.safetensors` and `manifest.json`."""
+def export_adapter(directory: str | Path, unet, embedding, manifest: dict, tools: bool = True) -> Path:
+    """Write `pytorch_lora_weights.safetensors`, `learned_embeds-*.safetensors`, `references/` and
+    `manifest.json`; with `tools`, the kohya LoRA and A1111 embeddings too (export_kohya).
+
+    `manifest["subjects"][k]["images"]` are subject k's image files on this machine; the manifest written names
+    their copies in the folder instead (see `_write_references`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lora = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
@@ -48,9 +57,29 @@ def export_adapter(directory: str | Path, unet, embedding, manifest: dict) -> Pa
         files[token] = embeds_file(token)
         # {token: [d]}: the layout of diffusers' textual_inversion example, read by load_textual_inversion
         save_file({token: row.detach().float().cpu().contiguous()}, directory / files[token])
-    manifest = {**manifest, "lora_file": LORA_FILE, "embeddings": files}
+    triggers = trigger_words(manifest["subjects"])
+    subjects = [{**s, "images": _write_references(directory, triggers[s["token"]], s["images"],
+                                                  manifest["resolution"])} for s in manifest["subjects"]]
+    manifest = {**manifest, "subjects": subjects, "lora_file": LORA_FILE, "embeddings": files, "triggers": triggers}
+    if tools:
+        manifest.update(export_for_tools(directory, lora, embedding, manifest))
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return directory
+
+
+def _write_references(directory: Path, trigger: str, files, resolution: int) -> list[dict]:
+    """references/<trigger>/<n>.png: each image as training and scoring saw it (short side resized to
+    `resolution`, center-cropped; lossless PNG, so CLIP-I on them is the sweep's CLIP-I), with the sha256 of the
+    original file, which names which photo it was without naming a path on this machine."""
+    folder = Path(REFERENCES_DIR) / trigger
+    (directory / folder).mkdir(parents=True, exist_ok=True)
+    out = []
+    for n, f in enumerate(files):
+        # allow_upscale: training already accepted each image at this resolution (or upscaled it as told)
+        crop_image(f, resolution, allow_upscale=True).save(directory / folder / f"{n}.png")
+        out.append({"file": (folder / f"{n}.png").as_posix(),
+                    "source_sha256": hashlib.sha256(Path(f).read_bytes()).hexdigest()})
+    return out
 
 
 def _is_number(v) -> bool:
@@ -65,9 +94,19 @@ def _is_file_name(v) -> bool:  # a plain name: the file is inside the adapter fo
     return isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v
 
 
+def _is_inside(v) -> bool:  # a relative path that stays in the adapter folder, "/"-separated
+    return (isinstance(v, str) and v != "" and "\\" not in v and not PurePosixPath(v).is_absolute()
+            and not PureWindowsPath(v).drive and all(p not in ("", ".", "..") for p in v.split("/")))
+
+
+def _is_reference(v) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("file"), str)
+            and isinstance(v.get("source_sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", v["source_sha256"]))
+
+
 def _is_subject(v) -> bool:
     return (isinstance(v, dict) and isinstance(v.get("token"), str) and isinstance(v.get("class_word"), str)
-            and isinstance(v.get("images"), list) and all(isinstance(f, str) for f in v["images"]))
+            and isinstance(v.get("images"), list) and all(_is_reference(f) for f in v["images"]))
 
 
 # what loading and sampling an adapter read: key -> (what it must be, check)
@@ -83,8 +122,16 @@ _MANIFEST = {
     "lora_alpha": ("a number > 0", lambda v: _is_number(v) and v > 0),
     "resolution": ("a positive multiple of 8", lambda v: isinstance(v, int) and not isinstance(v, bool)
                    and v > 0 and v % 8 == 0),
-    "subjects": ("a list of {token, class_word, images: [files]}",
+    "subjects": ("a list of {token, class_word, images: [{file, source_sha256}]}",
                  lambda v: isinstance(v, list) and all(_is_subject(x) for x in v)),
+}
+# written by export_adapter for the UIs (export_kohya); checked when present (checkpoints leave them out)
+_TOOLS = {
+    "triggers": ("a mapping of each token to a lowercase trigger word",
+                 lambda v: _is_str_map(v) and all(re.fullmatch(r"[a-z0-9_]+", w) for w in v.values())),
+    "kohya_lora": ("a path inside the adapter folder", _is_inside),
+    "a1111_embeddings": ("a mapping of each token to a path inside the adapter folder",
+                         lambda v: _is_str_map(v) and all(_is_inside(f) for f in v.values())),
 }
 
 
@@ -108,8 +155,11 @@ def read_manifest(directory: str | Path) -> dict:
             raise AdapterError(f"{path}: {key}: required")
         if not ok(manifest[key]):
             raise AdapterError(f"{path}: {key}: expected {what}, got {reprlib.repr(manifest[key])}")
+    for key, (what, ok) in _TOOLS.items():
+        if key in manifest and not ok(manifest[key]):
+            raise AdapterError(f"{path}: {key}: expected {what}, got {reprlib.repr(manifest[key])}")
     tokens = set(manifest["tokens"])
-    for key in ("placeholders", "embeddings"):
+    for key in ("placeholders", "embeddings", *(k for k in ("triggers", "a1111_embeddings") if k in manifest)):
         if set(manifest[key]) != tokens:
             raise AdapterError(f"{path}: {key}: its tokens {sorted(manifest[key])} are not the manifest's tokens "
                                f"{manifest['tokens']}")
@@ -117,6 +167,11 @@ def read_manifest(directory: str | Path) -> dict:
         if subject["token"] not in tokens:
             raise AdapterError(f"{path}: subjects[{i}].token: {subject['token']!r} is not one of the tokens "
                                f"{manifest['tokens']}")
+        for j, image in enumerate(subject["images"]):
+            if not _is_inside(image["file"]):
+                raise AdapterError(f"{path}: subjects[{i}].images[{j}].file: {image['file']!r} is not a path inside "
+                                   "the adapter folder (an adapter carries its reference images: no absolute path, "
+                                   "no '..')")
     return manifest
 
 

@@ -105,7 +105,8 @@ def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, scal
                     seconds: float = 0.0) -> Path:
     """LoRA + embeddings (as an exported adapter), optimizer, fp16 loss scale, step, the training time so far
     and every RNG state. Tensors and plain Python only: it loads with `weights_only=True` (no pickle code)."""
-    export_adapter(directory, base.unet, embedding, manifest(config, step))
+    # tools=False: a checkpoint is resumed here, not opened in a UI; the LoRA is not stored a second time
+    export_adapter(directory, base.unet, embedding, manifest(config, step), tools=False)
     torch.save({
         "step": step,
         "seconds": seconds,
@@ -191,7 +192,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     `base` stands in for load_base(config.base_model) (the benchmark's random-weight SD-1.5)."""
     if isinstance(config, dict):  # Ray Train hands workers the plain-dict form
         config = TrainConfig.from_dict(config)
-    source, config = config, localized(config)  # adapters name the images as the sweep gave them
+    config = localized(config)  # subject images given as storage URIs: this node's copies (the adapter carries its own)
     train = _ray_train()
     rank, world = (0, 1)
     if train is not None:
@@ -280,7 +281,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
                     checkpoint_dir = None
                     if rank == 0:
                         checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, scaler,
-                                                         generator, source, metrics["time_total_s"])
+                                                         generator, config, metrics["time_total_s"])
                         publish(output, config)  # what the checkpoint covers is durable with it:
                         if log:  # metrics.jsonl and samples in storage, the steps' metrics in MLflow
                             log.flush(final=False)
@@ -298,7 +299,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     bar.close()
     metrics["time_total_s"] = time.perf_counter() - started  # training + evaluations, before export
     if rank == 0:
-        export_adapter(output / "adapter", base.unet, embedding, manifest(source, step))
+        export_adapter(output / "adapter", base.unet, embedding, manifest(config, step))
         publish(output, config)
         metrics["adapter"] = storage.join(config.output_uri or str(output), "adapter")
         if log:

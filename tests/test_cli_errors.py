@@ -419,9 +419,8 @@ def test_generate_out_onto_a_file(adapter, tmp_path, capsys, out):
 def test_generate_unreadable_reference_image(adapter, tmp_path, capsys):
     broken = tmp_path / "adapter"
     shutil.copytree(adapter, broken)
-    bad = write_bad_image(tmp_path / "ref", "truncated_jpeg")
-    _edit_manifest(subjects=[{"name": "cat", "token": "[V1]", "class_word": "cat", "images": [str(bad)],
-                              "prompt": "A photo of [V1]"}])(broken)
+    bad = broken / "references" / "palp_cat_v1" / "0.png"  # the adapter's own copy, damaged
+    bad.write_bytes(write_bad_image(tmp_path / "ref", "truncated_png").read_bytes())
     code, _, err = run_main(["generate", str(broken), "--prompt", "A sketch of [V1]", "--out", str(tmp_path / "out")],
                             capsys)
     assert_one_line_error(code, err, f"reference image of [V1]: unreadable image {bad}", "--no-score")

@@ -1,5 +1,8 @@
 """`palp-sweep generate` end to end, in-process, on an exported tiny adapter."""
 
+import re
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +50,31 @@ def test_compares_three_methods_on_the_same_seeds(adapter, tmp_path, capsys):
     # the manifest knows the references and the base is tiny: scored with the tiny CLIP, vs the clean prompt
     assert "scores vs 'A sketch of cat' (tiny" in out
     assert all(f"  {m:<7}  clip_t " in out for m in ("cfg", "pg-0.6", "alignit"))
+
+
+def test_clip_i_needs_only_the_adapter_folder(tmp_path, capsys):
+    photos = write_images(tmp_path / "cat", 2, seed=0)
+    config = tiny_config(photos, tmp_path / "run")
+    base, embedding, _ = build(config, torch.device("cpu"))
+    adapter = export_adapter(tmp_path / "elsewhere" / "adapter", base.unet, embedding, manifest(config, 2))
+    shutil.rmtree(tmp_path / "cat")  # the training machine's photos are gone; the adapter carries its references
+    code, out, err = run([adapter, "--prompt", "A sketch of [V1]", "--seeds", "0", "--steps", "1",
+                          "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert re.search(r"^  cfg  clip_t -?\d\.\d{4}  clip_i -?\d\.\d{4}$", out, re.M), out
+
+
+def test_missing_references_skip_clip_i_and_keep_clip_t(adapter, tmp_path, capsys):
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    shutil.rmtree(copy / "references")
+    code, out, err = run([copy, "--prompt", "A sketch of [V1]", "--seeds", "0", "--steps", "1", "--method", "cfg,pg",
+                          "--out", tmp_path / "out"], capsys)
+    assert code == 0 and err == "", err
+    missing = copy / "references" / "palp_cat_v1" / "0.png"
+    assert f"CLIP-I skipped: 2 of the 2 reference images of [V1] are missing from the adapter ({missing})\n" in out
+    assert re.search(r"^  cfg     clip_t -?\d\.\d{4}$", out, re.M) and re.search(r"^  pg-0.6  clip_t ", out, re.M)
+    assert "clip_i" not in out and "Traceback" not in out
 
 
 def test_defaults_write_under_generated_prompt_slug(adapter, tmp_path, capsys, monkeypatch):

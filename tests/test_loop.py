@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from palp_trainer.export import read_manifest
 from palp_trainer.loop import NonFiniteLoss, train_loop
 from tests.conftest import tiny_config
 
@@ -39,12 +40,20 @@ def test_saved_adapter_keys(subject_images, tmp_path):
     manifest = json.loads((adapter / "manifest.json").read_text())
     assert manifest["placeholders"] == {"[V1]": "cat"} and manifest["steps"] == 1
     assert manifest["embeddings"] == {"[V1]": "learned_embeds-V1.safetensors"}
+    # the whole folder: diffusers files, the UIs' files (export_kohya), the references CLIP-I scores against
+    assert sorted(p.relative_to(adapter).as_posix() for p in adapter.rglob("*") if p.is_file()) == [
+        "embeddings/palp_cat_v1.safetensors", "kohya/palp_cat.safetensors", "learned_embeds-V1.safetensors",
+        "manifest.json", "pytorch_lora_weights.safetensors", *(f"references/palp_cat_v1/{n}.png" for n in range(3))]
+    kohya = load_file(adapter / manifest["kohya_lora"])
+    assert len(kohya) == 3 * 4 * 8  # (down, up, alpha) x (q, k, v, out) x 8 attention layers
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in kohya
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: the GradScaler's scale and growth state resume too
 def test_resume_is_exact(subject_images, tmp_path, precision):
     train_loop(tiny_config(subject_images, tmp_path / "straight", steps=4, checkpoint_every=2, precision=precision))
     checkpoint = tmp_path / "straight" / "checkpoints" / "step-000002"
+    assert "kohya_lora" not in read_manifest(checkpoint)  # an adapter without the UIs' copy of the LoRA
     state = torch.load(checkpoint / "state.pt", weights_only=False)
     if precision == "fp16":  # 2 finite steps: the initial 2**16 scale, growth tracker at 2
         assert state["scaler"]["scale"] == 2.0**16 and state["scaler"]["_growth_tracker"] == 2

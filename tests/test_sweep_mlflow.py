@@ -109,6 +109,7 @@ def test_runs_params_metrics_and_artifacts(sweep):
     adapter = {a.path for a in client.list_artifacts(finished[0].info.run_id, "adapter")}
     assert {"adapter/pytorch_lora_weights.safetensors", "adapter/manifest.json",
             "adapter/learned_embeds-V1.safetensors"} <= adapter
+    assert {"adapter/kohya", "adapter/embeddings", "adapter/references"} <= adapter  # the UIs' files, CLIP-I's photos
     report = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert "report/summary.json" in report
     assert any(a.path == "recipe/smoke.yaml" for a in client.list_artifacts(parents[0].info.run_id, "recipe"))
@@ -135,6 +136,9 @@ def test_registry_version_alias_and_pyfunc(sweep, tmp_path):
     from palp_trainer.evaluate import generate, pipeline_from
     from palp_trainer.export import load_adapter
     base, manifest = load_adapter(tmp_path / "pulled")
+    for file in (manifest["kohya_lora"], *manifest["a1111_embeddings"].values(),
+                 *(r["file"] for r in manifest["subjects"][0]["images"])):  # registered with the model
+        assert (tmp_path / "pulled" / file).is_file(), file
     [want] = generate(pipeline_from(base), "A sketch of [V1]", (3,), 4, 5.0, 1, manifest["resolution"])
     assert np.array_equal(got, np.asarray(want))
 
