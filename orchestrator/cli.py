@@ -1,14 +1,17 @@
-"""`palp-sweep`: argv -> Recipe (+ key=value overrides) -> sweep; or the `models` / `generate` subcommands."""
+"""`palp-sweep`: argv -> Recipe (+ key=value overrides) -> sweep; or the `models` / `generate` subcommands.
+
+Imports here stay light (no torch, MLflow, Ray): `--help` and the `models` commands start in a fraction of the
+seconds those take; each command imports what it needs once its command line is known to be good.
+"""
 
 import argparse
 import os
 import sys
 from pathlib import Path
 
-from palp_trainer.data import DataError
+from palp_trainer.errors import DataError
 
 from .recipe import Recipe, RecipeError, format_value
-from .recipe_yaml import load_recipe
 
 SUBCOMMANDS = ("models", "generate")
 
@@ -24,11 +27,15 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def output_folder(path: str | Path, flag: str) -> Path:
-    """A folder the command may write into: it exists, or its nearest existing parent is a writable folder.
+def output_folder(path: str | Path, flag: str, force: bool = False) -> Path:
+    """A folder the command may write into: it exists (empty, unless `force`), or its nearest existing parent
+    is a writable folder.
 
-    Checked before any work; the caller creates it when it writes."""
+    Checked before any work (model loading, downloads); the caller creates it when it writes. With `force`, files
+    of the names it writes are overwritten and the folder's other files are left as they are."""
     path = Path(path)
+    if path.is_dir() and not force and any(path.iterdir()):
+        raise UsageError(f"{flag} {path}: the folder is not empty; pass --force to write over the files in it")
     for parent in (path, *path.parents):
         if not parent.exists():
             continue
@@ -103,6 +110,8 @@ def _sweep(argv: list[str]) -> int:
     args = _parser().parse_intermixed_args(argv)
     if args.dry_run and args.resume:
         raise UsageError("--dry-run and --resume do not combine: a dry run starts nothing to resume")
+    from .recipe_yaml import load_recipe  # checks the subject images: imports torch (seconds) that --help skips
+
     recipe = load_recipe(args.recipe, args.overrides)
     if args.gpus is not None and (not args.dry_run or args.gpus < 1):
         raise UsageError("--gpus: a number of GPUs >= 1, with --dry-run")

@@ -16,13 +16,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from PIL import Image
-
-from palp_trainer.config import check_guidance_scale, check_seeds
-from palp_trainer.data import DataError, read_image
-from palp_trainer.guidance import DEFAULT_OMEGA, METHODS, alignit_prompts, parse_methods, sample
-from palp_trainer.scoring import Scorer, placeholders_in, replace_placeholders
+from palp_trainer.config import DEFAULT_OMEGA, METHODS, check_guidance_scale, check_seeds, parse_methods
+from palp_trainer.errors import DataError
 
 from .cli import OneLineParser, UsageError, output_folder
 from .recipe import slugify
@@ -57,13 +52,14 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"one of {', '.join(METHODS)}, or a comma list for a side-by-side grid (default cfg)")
     p.add_argument("--omega", default=str(DEFAULT_OMEGA),
                    help=f"pg's weak-model scale ω in [0, 1]; a comma list gives one pg row each (default {DEFAULT_OMEGA})")
-    p.add_argument("--out", help="output folder (default generated/<prompt slug>)")
+    p.add_argument("--out", help="output folder, new or empty (default generated/<prompt slug>)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out, over files of the same names")
     p.add_argument("--clip-model", help=f"CLIP for CLIP-T / CLIP-I (default {DEFAULT_CLIP}; 'tiny' for the tiny base; "
                                         "adapters of the world base are scored by its oracle judge)")
     p.add_argument("--no-score", action="store_true", help="skip scoring")
     p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim")
     p.add_argument("--batch-size", type=_count, default=4)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="torch device (default cuda if available, else cpu)")
     return p
 
 
@@ -122,8 +118,10 @@ def _default_clip(base_model: str) -> str:
     return "tiny" if hidden == _TINY_TEXT_HIDDEN else DEFAULT_CLIP
 
 
-def _references(adapter: Path, manifest: dict, used: list[str]) -> tuple[list[list[Image.Image]] | None, str]:
-    """Each prompted subject's reference images, which the adapter folder carries, or (None, why not)."""
+def _references(adapter: Path, manifest: dict, used: list[str]) -> tuple[list[list] | None, str]:
+    """Each prompted subject's reference images (PIL), which the adapter folder carries, or (None, why not)."""
+    from palp_trainer.data import read_image
+
     refs = []
     for subject in manifest["subjects"]:
         if subject["token"] not in used:
@@ -170,7 +168,10 @@ def _run(args) -> int:
         check_guidance_scale(args.guidance_scale, "--guidance-scale")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    out = output_folder(args.out or Path("generated") / slugify(args.prompt), "--out")
+    out = output_folder(args.out or Path("generated") / slugify(args.prompt), "--out", args.force)
+    import torch  # seconds: only once the flags above are good (and never for --help)
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError) as e:
@@ -186,6 +187,8 @@ def _run(args) -> int:
 
     from palp_trainer.evaluate import pipeline_from
     from palp_trainer.export import load_adapter, read_manifest
+    from palp_trainer.guidance import alignit_prompts, sample
+    from palp_trainer.scoring import Scorer, placeholders_in, replace_placeholders
 
     adapter = _adapter_dir(args.source)
     manifest = read_manifest(adapter)  # AdapterError: one line naming the file and key

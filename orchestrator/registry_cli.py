@@ -1,6 +1,8 @@
-"""`palp-sweep models list | show NAME | pull NAME[@alias|/version] DIR`: browse and fetch registered adapters."""
+"""`palp-sweep models list | show NAME | pull NAME[@alias|/version] DIR`: browse and fetch registered adapters.
 
-import argparse
+MLflow is imported once the command line is good (about two seconds): `--help` and usage errors skip it.
+"""
+
 import os
 import shutil
 import sys
@@ -8,12 +10,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-import mlflow
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-
 from .cli import OneLineParser, UsageError, output_folder
-from .tracking import TrackingError, preflight
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _NAME_THE_STORE = ("run a sweep here first, or name the store the sweep used: --tracking-uri URI, or "
@@ -48,6 +45,8 @@ def _check_store(uri: str) -> None:
 def open_store(flag: str | None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite mlflow.db here; checked before MLflow reads it: a local
     store must exist, a server must answer (MLflow itself retries a closed port for minutes)."""
+    from .tracking import TrackingError, preflight
+
     uri, source = _uri(flag)
     _check_store(uri)
     try:
@@ -62,63 +61,117 @@ def _scores(tags: dict) -> str:
                     if k.startswith("metric."))
 
 
-def list_models(client: MlflowClient) -> None:
+def _versions(client, name: str) -> list:
+    return sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def _aliases(model) -> dict[str, str]:
+    """version -> alias(es), e.g. {"3": "@champion"}; MLflow gives the versions as int or str."""
+    out = {}
+    for alias, version in sorted((model.aliases or {}).items()):
+        out[str(version)] = f"{out[str(version)]} @{alias}" if str(version) in out else f"@{alias}"
+    return out
+
+
+def list_models(client) -> None:
     models = client.search_registered_models()
     if not models:
         print("no registered models")
     for model in models:
-        aliases = {v: a for a, v in (model.aliases or {}).items()}
+        aliases = _aliases(model)
         print(model.name)
-        for v in sorted(client.search_model_versions(f"name = '{model.name}'"), key=lambda v: int(v.version)):
-            alias = f" @{aliases[v.version]}" if v.version in aliases else ""
+        for v in _versions(client, model.name):
+            alias = f" {aliases[str(v.version)]}" if str(v.version) in aliases else ""
             print(f"  v{v.version}{alias}  {_scores(v.tags)}  run {v.run_id}")
 
 
-def show_model(client: MlflowClient, name: str) -> None:
+# what a person compares versions by, in this order; then the description, then every other tag
+KEY_TAGS = ("pair", "best_method", "alpha", "beta", "rank", "steps", "base_model")
+
+
+def show_model(client, name: str) -> None:
+    """The model, `champion -> v3` per alias, and per version: scores, key tags, description, the other tags."""
     model = client.get_registered_model(name)
-    print(f"{model.name}  aliases: {dict(model.aliases or {})}")
-    for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
-        print(f"\nversion {v.version}  source run {v.run_id}")
-        for line in (v.description or "").splitlines():
-            print(f"  {line}")
-        for key, value in sorted(v.tags.items()):
-            print(f"  {key}: {value}")
+    pointers = [f"{alias} -> v{version}" for alias, version in sorted((model.aliases or {}).items())]
+    print(f"{model.name}\naliases: {', '.join(pointers) or 'none'}")
+    for line in (model.description or "").strip().splitlines():
+        print(f"  {line}")
+    aliases = _aliases(model)
+    for v in _versions(client, name):
+        alias = f" {aliases[str(v.version)]}" if str(v.version) in aliases else ""
+        print(f"\nv{v.version}{alias}  source run {v.run_id}")
+        tags = dict(v.tags)
+        key = [(k, tags[k]) for k in KEY_TAGS if k in tags]
+        rest = [(k, val) for k, val in sorted(tags.items())
+                if k not in (*KEY_TAGS, "source_run") and not k.startswith("metric.")]  # source_run: in the v line
+        width = max([len("scores")] + [len(k) for k, _ in key + rest])
+        print(f"  {'scores':<{width}}  {_scores(tags) or '-'}")
+        for k, val in key:
+            print(f"  {k:<{width}}  {val}")
+        description = (v.description or "").strip().splitlines()
+        for section in (description, [f"{k:<{width}}  {val}" for k, val in rest]):
+            if section:
+                print("\n" + "\n".join(f"  {line}" for line in section))
 
 
-def model_uri(ref: str) -> str:
-    """NAME@alias, NAME/version or NAME (= @champion) -> models:/ URI."""
-    if "@" in ref or "/" in ref:
-        return f"models:/{ref}"
-    return f"models:/{ref}@champion"
+def _version(client, ref: str):
+    """NAME@alias, NAME/version or NAME (= @champion) -> the registry's model version."""
+    if "@" in ref:
+        name, _, alias = ref.partition("@")
+        return client.get_model_version_by_alias(name, alias)
+    if "/" in ref:
+        name, _, version = ref.rpartition("/")
+        return client.get_model_version(name, version)
+    return client.get_model_version_by_alias(ref, "champion")
 
 
-def pull(ref: str, directory: str) -> Path:
-    """Write the adapter's diffusers-loadable files (LoRA, embeddings, manifest) to `directory`."""
-    from palp_trainer.export import MANIFEST_FILE  # imports diffusers and torch: seconds that list and show skip
+def pull(client, ref: str, directory: str) -> Path:
+    """Write the version's adapter folder (manifest, LoRA, learned embeddings, and whatever else the sweep put in
+    it) to `directory`; nothing else of the logged pyfunc model (its code, environment, MLmodel) is downloaded."""
+    import mlflow
 
+    version = _version(client, ref)
+    # the pyfunc's MLmodel names where its "adapter" artifact sits in the model (registry.py logs it so)
+    info = mlflow.models.get_model_info(f"models:/{version.name}/{version.version}")
+    adapter = info.flavors.get("python_function", {}).get("artifacts", {}).get("adapter")
+    if adapter is None:
+        raise UsageError(f"{ref}: model version {version.version} holds no adapter artifact; "
+                         "is it a palp-sweep model?")
+    root = client.get_model_version_download_uri(version.name, version.version).rstrip("/")
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri(ref), dst_path=tmp))
-        manifests = list(local.rglob(MANIFEST_FILE))
-        if not manifests:
-            raise MlflowException(f"{ref} holds no adapter ({MANIFEST_FILE} missing)")
-        shutil.copytree(manifests[0].parent, directory, dirs_exist_ok=True)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{adapter['path']}", dst_path=tmp)
+        shutil.copytree(local, directory, dirs_exist_ok=True)
     return Path(directory)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="palp-sweep models", description=__doc__)
+    parser = OneLineParser(prog="palp-sweep models", description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered models, versions, aliases and scores")
-    show = sub.add_parser("show", help="one model's versions, tags and prompts")
+    show = sub.add_parser("show", help="one model's aliases and versions: scores, key tags, prompts, other tags")
     show.add_argument("name")
     get = sub.add_parser("pull", help="write a version's adapter files to DIR")
-    get.add_argument("ref", help="NAME, NAME@alias or NAME/version")
-    get.add_argument("directory")
+    get.add_argument("ref", help="NAME, NAME@alias or NAME/version (NAME alone: NAME@champion)")
+    get.add_argument("directory", help="new or empty folder")
+    get.add_argument("--force", action="store_true", help="write into a non-empty folder, over files of the same names")
     try:
         args = parser.parse_args(argv)
         if args.command == "pull":
-            output_folder(args.directory, "pull")
+            output_folder(args.directory, "pull", args.force)
+        return _run(args)
+    except UsageError as e:
+        print(f"palp-sweep: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from .tracking import TrackingError
+    try:
         uri = open_store(args.tracking_uri)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
@@ -127,10 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "show":
             show_model(client, args.name)
         else:
-            print(pull(args.ref, args.directory))
-    except (TrackingError, MlflowException, UsageError) as e:
-        print(f"palp-sweep: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+            print(pull(client, args.ref, args.directory))
+    except (TrackingError, MlflowException) as e:
+        raise UsageError(str(e)) from None
     return 0
 
 

@@ -7,11 +7,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import DataError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
-class DataError(ValueError):
-    """Bad input data (a subject image; an adapter folder: export.AdapterError); the message names the file."""
 
 
 def list_images(path: str | Path) -> list[Path]:

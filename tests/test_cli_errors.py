@@ -416,6 +416,17 @@ def test_generate_out_onto_a_file(adapter, tmp_path, capsys, out):
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
+def test_generate_out_not_empty_needs_force_before_anything_loads(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cfg-seed0.png").write_text("mine")
+    # no adapter at SOURCE: the refusal comes first, before the adapter or a model is read
+    code, _, err = run_main(["generate", str(tmp_path / "nope"), "--prompt", "A sketch of [V1]", "--out", str(out)],
+                            capsys)
+    assert_one_line_error(code, err, f"--out {out}: the folder is not empty; pass --force")
+    assert (out / "cfg-seed0.png").read_text() == "mine"
+
+
 def test_generate_unreadable_reference_image(adapter, tmp_path, capsys):
     broken = tmp_path / "adapter"
     shutil.copytree(adapter, broken)
@@ -479,6 +490,33 @@ def test_models_pull_onto_a_file(no_store, capsys, target):
     code, _, err = run_main(["models", "pull", "palp-cat", target], capsys)
     assert_one_line_error(code, err, f"pull {target}: ", "give a folder")
     assert sorted(p.name for p in no_store.iterdir()) == ["file"]
+
+
+def test_models_pull_into_a_non_empty_folder_needs_force_before_the_store_is_read(no_store, capsys):
+    (no_store / "adapter").mkdir()
+    (no_store / "adapter" / "manifest.json").write_text("mine")
+    code, _, err = run_main(["models", "pull", "palp-cat", "adapter"], capsys)  # and no store here
+    assert_one_line_error(code, err, "pull adapter: the folder is not empty; pass --force")
+    assert (no_store / "adapter" / "manifest.json").read_text() == "mine"
+    assert sorted(p.name for p in no_store.iterdir()) == ["adapter"]
+
+
+def test_help_and_usage_import_no_torch_mlflow_or_ray():
+    """--help of every command starts without the heavy libraries (seconds each); timed in benchmarks/RESULTS.md."""
+    code = ("import sys, orchestrator.cli as cli\n"
+            "for argv in (['--help'], ['models', '--help'], ['models', 'list', '--help'], ['models', 'show', '--help'],"
+            " ['models', 'pull', '--help'], ['generate', '--help'], ['models', 'pull', 'x']):\n"
+            "    try:\n"
+            "        cli.main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(m for m in ('torch', 'mlflow', 'ray', 'diffusers', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]", proc.stdout
+    assert "usage: palp-sweep generate" in proc.stdout and "--force" in proc.stdout
+    assert proc.stderr.splitlines() == ["palp-sweep: error: the following arguments are required: directory"]
 
 
 def test_models_module_in_an_empty_folder(tmp_path):

@@ -95,6 +95,25 @@ def test_mlflow_uri_finds_the_adapter_inside_the_download(adapter, tmp_path, cap
     assert (tmp_path / "cfg-seed0.png").is_file()
 
 
+def test_out_with_files_needs_force(adapter, tmp_path, capsys):
+    argv = [adapter, "--prompt", "A sketch of [V1]", "--seeds", "0", "--steps", "1", "--no-score", "--out", tmp_path]
+    assert run(argv, capsys)[0] == 0
+    first = (tmp_path / "cfg-seed0.png").read_bytes()
+    (tmp_path / "cfg-seed0.png").write_bytes(b"mine")
+    (tmp_path / "notes.txt").write_text("keep")
+
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == "", out
+    assert err.splitlines() == [f"palp-sweep: error: --out {tmp_path}: the folder is not empty; "
+                                "pass --force to write over the files in it"], err
+    assert (tmp_path / "cfg-seed0.png").read_bytes() == b"mine"
+
+    code, _, err = run([*argv, "--force"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "cfg-seed0.png").read_bytes() == first  # overwritten: the same seed, the same image
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg-seed0.png", "grid.png", "notes.txt"]
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--method", "cfg,foo"], "unknown method 'foo'"),
     (["--method", "pg", "--omega", "1.5"], "ω must be a number in [0, 1]"),

@@ -113,9 +113,10 @@ def test_models_list_and_show_from_an_empty_folder(registry):
 
     shown = palp_sweep(["models", "show", MODEL], client, env)
     assert shown.returncode == 0, shown.stderr
-    assert f"{MODEL}  aliases: {{'champion': '1'}}" in shown.stdout
-    assert f"version 1  source run {version.run_id}" in shown.stdout
-    assert f"target prompt: {PROMPT}" in shown.stdout and "  base_model: tiny" in shown.stdout
+    lines = shown.stdout.splitlines()
+    assert lines[:2] == [MODEL, "aliases: champion -> v1"]
+    assert f"v1 @champion  source run {version.run_id}" in lines
+    assert f"  target prompt: {PROMPT}" in lines and ["base_model", "tiny"] in [line.split() for line in lines]
     assert list(client.iterdir()) == []  # read-only: no mlflow.db, no mlruns
 
 

@@ -1,0 +1,139 @@
+"""`palp-sweep models show / pull` on a real sqlite store: two versions registered by `register_best` (what a sweep
+calls), from a tiny exported adapter; no Ray, no sweep."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.recipe_yaml import load_recipe
+from orchestrator.registry import register_best
+from orchestrator.tracking import start_sweep
+from palp_trainer.export import export_adapter
+from palp_trainer.loop import build, manifest
+from tests.conftest import tiny_config, write_images
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "recipes" / "smoke.yaml"
+MODEL = "palp-cat-a-sketch-of-v1"  # smoke.yaml's one pair
+PAIR = "cat__a-sketch-of-v1"
+ADAPTER_FILES = {"manifest.json", "pytorch_lora_weights.safetensors", "learned_embeds-V1.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """sqlite store with MODEL v1 (composite 0.5) and v2 (0.7, so the champion), each from its own child run."""
+    root = tmp_path_factory.mktemp("store")
+    config = tiny_config(write_images(root / "cat", 2, seed=0), root / "run")
+    torch.manual_seed(0)
+    base, embedding, _ = build(config, torch.device("cpu"))
+    adapter = export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    recipe = load_recipe(str(SMOKE), [f"storage_path={root / 'runs'}"])
+    tracking = start_sweep(uri, recipe, str(SMOKE), str(root / "runs"))
+    client = MlflowClient(uri)
+    for trial, composite in (("t1", 0.5), ("t2", 0.7)):
+        hparams = {"alpha": 7.5, "alignment": "palp"}
+        run_id = tracking.child_run(PAIR, trial, hparams)
+        client.log_artifacts(run_id, str(adapter), "adapter")
+        best = {"trial_id": trial, "hparams": hparams, "clip_t": 0.25, "clip_i": 0.75, "composite": composite,
+                "best_method": "pg-0.6"}
+        version = register_best(tracking, recipe, PAIR, best)["version"]
+        # a dangling link beside the pyfunc's code: a pull that downloads more than the adapter folder fails on it
+        model = Path(urlparse(client.get_model_version_download_uri(MODEL, version)).path)
+        assert (model / "MLmodel").is_file() and (model / "code").is_dir()
+        (model / "code" / "gone.py").symlink_to(root / "nowhere")
+    return {"uri": uri, "root": root, "adapter": Path(adapter)}
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_show_is_readable(store, capsys):
+    code, out, err = run_main(["models", "--tracking-uri", store["uri"], "show", MODEL], capsys)
+    assert code == 0 and err == "", err
+    lines = out.splitlines()
+    assert lines[:2] == [MODEL, "aliases: champion -> v2"]
+    assert "{" not in out  # no Python dict
+    v1 = next(i for i, line in enumerate(lines) if line.startswith("v1  source run "))
+    v2 = next(i for i, line in enumerate(lines) if line.startswith("v2 @champion  source run "))
+    assert v1 < v2
+    version = [line.strip() for line in lines[v2 + 1:]]
+    # scores first, then the key tags in their order, then the description, then the other tags
+    assert version[0].split() == ["scores", "clip_i=0.7500", "clip_t=0.2500", "composite=0.7000"]
+    keys = [line.split()[0] for line in version[1:8]]
+    assert keys == ["pair", "best_method", "alpha", "beta", "rank", "steps", "base_model"]
+    assert version[1].split() == ["pair", PAIR] and version[2].split() == ["best_method", "pg-0.6"]
+    assert version[7].split() == ["base_model", "tiny"]
+    description = version[9:version.index("", 9)]  # as the registry holds it, line by line
+    assert description == MlflowClient(store["uri"]).get_model_version(MODEL, "2").description.strip().splitlines()
+    assert "target prompt: A sketch of [V1]" in description
+    rest = version[version.index("", 9) + 1:]
+    assert ["alignment", "palp"] in [line.split() for line in rest]
+    assert not any(line.startswith(("metric.", "pair ", "source_run")) for line in rest)
+
+
+def test_pull_writes_only_the_adapter_folder(store, tmp_path, capsys):
+    target = tmp_path / "adapter"
+    code, out, err = run_main(["models", "--tracking-uri", store["uri"], "pull", MODEL, target], capsys)
+    assert code == 0, err
+    assert out.strip() == str(target)
+    # the adapter folder the run logged, and nothing else of the pyfunc model (MLmodel, python_env.yaml, code/)
+    pulled = {p.relative_to(target).as_posix() for p in target.rglob("*")}
+    assert pulled == {p.relative_to(store["adapter"]).as_posix() for p in store["adapter"].rglob("*")}
+    assert ADAPTER_FILES <= pulled and not {"MLmodel", "python_env.yaml", "requirements.txt", "code"} & pulled
+    from palp_trainer.export import read_manifest
+    assert read_manifest(target)["tokens"] == ["[V1]"]
+
+
+@pytest.mark.parametrize("ref", [f"{MODEL}@champion", f"{MODEL}/1"])
+def test_pull_by_alias_or_version_from_the_environment(store, tmp_path, capsys, monkeypatch, ref):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])  # what a submitted job's store is found by
+    code, _, err = run_main(["models", "pull", ref, tmp_path / "a"], capsys)
+    assert code == 0, err
+    assert ADAPTER_FILES <= {p.name for p in (tmp_path / "a").iterdir()}
+
+
+def test_pull_refuses_a_non_empty_folder_without_force(store, tmp_path, capsys):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "manifest.json").write_text("mine")
+    (target / "notes.txt").write_text("keep")
+    code, _, err = run_main(["models", "--tracking-uri", store["uri"], "pull", MODEL, target], capsys)
+    assert code == 2 and err.splitlines() == [f"palp-sweep: error: pull {target}: the folder is not empty; "
+                                              "pass --force to write over the files in it"], err
+    assert (target / "manifest.json").read_text() == "mine"
+
+    code, _, err = run_main(["models", "--tracking-uri", store["uri"], "pull", MODEL, target, "--force"], capsys)
+    assert code == 0, err
+    assert ADAPTER_FILES | {"notes.txt"} <= {p.name for p in target.iterdir()}  # same names overwritten, rest kept
+    assert (target / "manifest.json").read_text() != "mine" and (target / "notes.txt").read_text() == "keep"
+
+
+def test_pull_an_unknown_version_is_one_line(store, tmp_path, capsys):
+    code, _, err = run_main(["models", "--tracking-uri", store["uri"], "pull", f"{MODEL}/9", tmp_path / "a"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("palp-sweep: error: "), err
+    assert not (tmp_path / "a").exists()
+
+
+def test_list_and_show_import_no_torch_and_print_no_warnings(store):
+    """What a person runs: a fresh process; MLflow is needed, torch / diffusers / transformers / Ray are not."""
+    code = ("import sys; from orchestrator.cli import main; code = main(sys.argv[1:]); "
+            "print(sorted(m for m in ('torch', 'ray', 'diffusers', 'transformers') if m in sys.modules)); "
+            "raise SystemExit(code)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": store["uri"]}
+    for argv in (["models", "list"], ["models", "show", MODEL]):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=store["root"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[-1] == "[]", proc.stdout
+        assert proc.stderr == "", proc.stderr
