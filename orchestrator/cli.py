@@ -129,14 +129,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "models":
             from .registry_cli import main as models_main
-            return models_main(argv[1:])
-        if argv and argv[0] == "generate":
+            code = models_main(argv[1:])
+        elif argv and argv[0] == "generate":
             from .generate import main as generate_main
-            return generate_main(argv[1:])
-        return _sweep(argv)
+            code = generate_main(argv[1:])
+        else:
+            code = _sweep(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+        return code
     except (RecipeError, DataError, UsageError) as e:
         print(f"palp-sweep: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `palp-sweep ... --dry-run | head`: the reader left; Python's own convention
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
 
 
 if __name__ == "__main__":

@@ -568,3 +568,15 @@ def test_generate_tracking_uri_only_with_a_registered_source(adapter, tmp_path, 
                              "--prompt", "A sketch of [V1]", "--out", str(tmp_path / "out")], capsys)
     assert_one_line_error(code, err, "--tracking-uri: only for a models:/ or runs:/ SOURCE")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`palp-sweep RECIPE --dry-run | head -1`: the rest of the output meets a closed pipe."""
+    # 2,000 trials: far more output than a pipe holds, so the writer surely meets the closed end
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", str(ROOT / "recipes" / "smoke.yaml"),
+                             "search.num_samples=1000", "--dry-run"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("recipe smoke")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == ""
