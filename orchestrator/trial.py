@@ -1,6 +1,7 @@
 """One Tune trial: a Ray Train TorchTrainer running `train_loop` on the trial's (pair, hyperparameters)."""
 
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def trial_output_dir(storage_path: str, recipe: Recipe, pair: str, trial_id: str
 
 def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Tracking) -> None:
     """Tune function trainable. Metrics reach Tune through TuneReportCallback at every milestone."""
+    started = time.time()  # the trial's wall time, to the loop's time/loop_end_unix (benchmarks/sweep_bench.py)
     trial_id = ray.tune.get_context().get_trial_id()
     hparams = hparams_of(params)
     config = train_config(recipe, params["pair"], hparams,
@@ -61,6 +63,7 @@ def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Trackin
     # every effective hyperparameter, searched or not (subjects, prompts and eval are in the parent run)
     knobs = {k: v for k, v in config.to_dict().items() if k not in NOT_PARAMS}
     run_id = tracking.child_run(params["pair"], trial_id, knobs)
+    MlflowClient(tracking.uri).log_metric(run_id, "time/trial_start_unix", started)
     config = replace(config, mlflow_uri=tracking.uri, mlflow_run_id=run_id,
                      scheduler_key=scheduler_key(recipe.name, trial_id) if recipe.scheduler.type == "asha" else None)
     trainer = TorchTrainer(

@@ -17,6 +17,7 @@ from .config import TrainConfig
 from .data import SubjectLatents
 from .export import export_adapter
 from .models import Base, add_lora, add_placeholders, load_base
+from .stopwatch import Stopwatch
 from .task import PalpModel, PalpTask
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -190,6 +191,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     """Train one PALP adapter; returns the last metrics. Runs alone or as a Ray Train worker.
 
     `base` stands in for load_base(config.base_model) (the benchmark's random-weight SD-1.5)."""
+    watch = Stopwatch()  # phases of this trial: time/<phase>_s in its run (benchmarks/sweep_bench.py)
     if isinstance(config, dict):  # Ray Train hands workers the plain-dict form
         config = TrainConfig.from_dict(config)
     config = localized(config)  # subject images given as storage URIs: this node's copies (the adapter carries its own)
@@ -203,15 +205,22 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)
-    base, embedding, lora_params = build(config, device, base)
+    with watch("base"):
+        base, embedding, lora_params = build(config, device, base)
     dtype = DTYPES[config.precision]
-    data = SubjectLatents(base.vae, [s.images for s in config.subjects], config.resolution, config.flip,
-                          config.allow_upscale, device, dtype)
-    model = PalpModel(base.unet, base.text_encoder)
-    if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
-    task = PalpTask(config, base, model, embedding.first_id, device, dtype)
-    optimizer = make_optimizer(config, lora_params, embedding)
+    with watch("data"):
+        data = SubjectLatents(base.vae, [s.images for s in config.subjects], config.resolution, config.flip,
+                              config.allow_upscale, device, dtype)
+    with watch("task"):
+        model = PalpModel(base.unet, base.text_encoder)
+        if world > 1:
+            model = ray.train.torch.prepare_model(model, move_to_device=False)
+        task = PalpTask(config, base, model, embedding.first_id, device, dtype)
+        optimizer = make_optimizer(config, lora_params, embedding)
+    if config.eval is not None and rank == 0:
+        from .evaluate import scorer_for
+        with watch("scorer"):  # loaded once per process (cached); here, so evaluations time sampling alone
+            scorer_for(config.eval, str(device))
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is a no-op)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     generator = torch.Generator().manual_seed(config.seed)  # data, t and noise: identical on every rank
@@ -238,7 +247,8 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     log = None
     if rank == 0 and config.mlflow_run_id:
         from .runlog import RunLog  # MLflow only where a run was handed in
-        log = RunLog(config.mlflow_uri, config.mlflow_run_id)
+        with watch("tracking"):
+            log = RunLog(config.mlflow_uri, config.mlflow_run_id)
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress or rank != 0, desc="palp")
     metrics: dict = {}
     last_eval: dict = {}
@@ -253,8 +263,9 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
             metrics = {"step": step, **last_eval, "train_seconds": seconds, "time_total_s": seconds}
             train.report(metrics)
         while step < config.steps:
-            logs = train_step(task, data, optimizer, scaler, generator, global_batch, step=step, rank=rank,
-                              world=world)
+            with watch("steps" if watch.seconds["first_step"] else "first_step"):  # the first: CUDA graph capture
+                logs = train_step(task, data, optimizer, scaler, generator, global_batch, step=step, rank=rank,
+                                  world=world)
             step += 1
             bar.update(1)
             bar.set_postfix({k.removesuffix("_loss"): f"{v:.4f}" for k, v in logs.items()})
@@ -269,7 +280,8 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
             milestone = step in config.report_steps
             ckpt_due = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
             if milestone and config.eval is not None and rank == 0:
-                last_eval = _evaluate(config, base, step, output, log)
+                with watch("eval"):
+                    last_eval = _evaluate(config, base, step, output, log)
             metrics.update(last_eval)  # between milestones, reports carry the latest scores
             # Checkpoints before the first evaluation report no score: the sweep lets Tune take those
             # (sweep.build_tuner), so a lost node costs at most checkpoint_every steps from the start on.
@@ -277,7 +289,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
             report = train is not None and (milestone or ckpt_due)
             if report or (train is None and ckpt_due):
                 metrics["time_total_s"] = time.perf_counter() - started
-                with tempfile.TemporaryDirectory() as tmp:
+                with watch("checkpoint"), tempfile.TemporaryDirectory() as tmp:
                     checkpoint_dir = None
                     if rank == 0:
                         checkpoint_dir = save_checkpoint(Path(tmp), step, base, embedding, optimizer, scaler,
@@ -290,22 +302,34 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
                                      if checkpoint_dir else None)
                     else:  # standalone, checkpoint_every
                         shutil.copytree(tmp, output / "checkpoints" / f"step-{step:06d}", dirs_exist_ok=True)
-                if report and milestone and config.scheduler_key and step < config.steps and \
-                        scheduler_decision(config.scheduler_key, step) == "STOP":
-                    bar.close()
-                    return metrics  # stopped early: no final adapter; the driver marks the run
+                if report and milestone and config.scheduler_key and step < config.steps:
+                    with watch("decision"):
+                        stop = scheduler_decision(config.scheduler_key, step) == "STOP"
+                    if stop:
+                        bar.close()
+                        _log_times(log, step, watch)
+                        return metrics  # stopped early: no final adapter; the driver marks the run
     except torch.OutOfMemoryError:
         raise out_of_memory(config, f"at step {step + 1}") from None
     bar.close()
     metrics["time_total_s"] = time.perf_counter() - started  # training + evaluations, before export
     if rank == 0:
-        export_adapter(output / "adapter", base.unet, embedding, manifest(config, step))
-        publish(output, config)
+        with watch("export"):
+            export_adapter(output / "adapter", base.unet, embedding, manifest(config, step))
+            publish(output, config)
         metrics["adapter"] = storage.join(config.output_uri or str(output), "adapter")
         if log:
-            log.flush()
-            log.artifacts(output / "adapter", "adapter")
-    return metrics
+            with watch("tracking"):
+                log.flush()
+                log.artifacts(output / "adapter", "adapter")
+    _log_times(log, step, watch)
+    return {**metrics, **watch.metrics()}
+
+
+def _log_times(log, step: int, watch: Stopwatch) -> None:
+    if log:
+        log.metrics(step, watch.metrics())
+        log.flush()
 
 
 def _evaluate(config: TrainConfig, base, step: int, output: Path, log) -> dict:

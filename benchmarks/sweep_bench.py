@@ -1,0 +1,96 @@
+"""Where a sweep's time goes: N trials of one recipe, each trial's wall time split into training steps, evaluation
+and the per-trial overhead (worker-group start, base load, data, task build, scorer load, first step / capture,
+checkpoints, ASHA decisions, export, tracking).
+
+    python benchmarks/sweep_bench.py                        # CPU: 8 trials x 100 steps of the tiny base, in turn
+    python benchmarks/sweep_bench.py --trials 8 --steps 100 --concurrent 2 --json out.json
+    python benchmarks/sweep_bench.py recipes/art_inspired.yaml --trials 8 --steps 500   # on GPUs
+
+It runs a real sweep (local Ray, sqlite MLflow, in a temporary folder) and reads the phases each trial logged to
+its MLflow run (`time/*`, palp_trainer/stopwatch.py; `time/trial_start_unix` from orchestrator/trial.py).
+Headline: overhead fraction = 1 - (sum of step time + evaluation time) / (sweep wall time x concurrent trials).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PHASES = ("worker_start", "base", "data", "task", "scorer", "tracking", "first_step", "checkpoint", "decision",
+          "export")
+
+
+def bench_overrides(trials: int, steps: int, concurrent: int) -> list[str]:
+    """N trials that differ in lr only (one grid), trained to `steps` in one go, nothing stopped early."""
+    lrs = ", ".join(f"{1e-4 * (1 + i / trials):.6g}" for i in range(trials))
+    return ["search.alignment=palp", f"search.lr=[{lrs}]", f"search.steps=[{steps}]", "scheduler.type=fifo",
+            f"resources.max_concurrent_trials={concurrent}", "eval.methods=[]"]
+
+
+def trial_times(metrics: dict) -> dict:
+    """One trial's split, in seconds, from its run's `time/*` metrics."""
+    wall = metrics["time/loop_end_unix"] - metrics["time/trial_start_unix"]
+    split = {"worker_start": metrics["time/loop_entry_unix"] - metrics["time/trial_start_unix"],
+             **{p: metrics.get(f"time/{p}_s", 0.0) for p in PHASES[1:]}}
+    steps, evaluation = metrics.get("time/steps_s", 0.0), metrics.get("time/eval_s", 0.0)
+    split["other"] = wall - steps - evaluation - sum(split.values())
+    return {"wall": wall, "steps": steps, "eval": evaluation, "overhead": wall - steps - evaluation, **split}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "smoke.yaml"))
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--concurrent", type=int, default=1, help="trials at a time")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    from mlflow import MlflowClient
+
+    from orchestrator.recipe_yaml import load_recipe
+    from orchestrator.sweep import run_sweep
+
+    recipe_path = str(Path(args.recipe).resolve())
+    overrides = bench_overrides(args.trials, args.steps, args.concurrent)
+    with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
+        os.chdir(tmp)  # the sweep's runs/ and mlflow.db
+        recipe = load_recipe(recipe_path, [*overrides, f"storage_path={tmp}/runs",
+                                           f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db"])
+        start = time.perf_counter()
+        code = run_sweep(recipe, recipe_path=recipe_path, overrides=tuple(overrides))
+        sweep_wall = time.perf_counter() - start
+        client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+        runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                if "mlflow.parentRunId" in r.data.tags]
+        rows = [{"trial": r.data.tags.get("palp.trial_id"), **trial_times(r.data.metrics)} for r in runs
+                if "time/loop_end_unix" in r.data.metrics]
+    if code != 0 or len(rows) != args.trials:
+        print(f"sweep_bench: the sweep exited {code} with {len(rows)} of {args.trials} trials timed", file=sys.stderr)
+        return 1
+    useful = sum(r["steps"] + r["eval"] for r in rows)
+    result = {
+        "recipe": recipe.name, "trials": len(rows), "steps": args.steps, "concurrent": args.concurrent,
+        "sweep_wall_s": sweep_wall, "overhead_fraction": 1 - useful / (sweep_wall * args.concurrent),
+        "per_trial_median_s": {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "trial"},
+        "trials_timed": rows,
+    }
+    print(f"{recipe.name}: {len(rows)} trials x {args.steps} steps, {args.concurrent} at a time: sweep "
+          f"{sweep_wall:.1f} s, overhead fraction {result['overhead_fraction']:.2f}")
+    print("per trial, median seconds:")
+    for key, value in result["per_trial_median_s"].items():
+        print(f"  {key:<13} {value:8.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""Seconds per phase of a trial: where its wall time goes besides the training steps (benchmarks/sweep_bench.py)."""
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+
+class Stopwatch:
+    """`with watch("base"): ...` adds the block's seconds to that phase; `metrics()` gives them as the trial's
+    `time/<phase>_s` metrics, with the wall-clock times the trial entered and left the loop (seconds since
+    the epoch, comparable with the driver's `time/trial_start_unix` on one machine or NTP-synced nodes)."""
+
+    def __init__(self):
+        self.entered = time.time()
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"time/{phase}_s": s for phase, s in self.seconds.items()},
+                "time/loop_entry_unix": self.entered, "time/loop_end_unix": time.time()}
