@@ -17,7 +17,8 @@ def artifact_link(run_id: str, path: str) -> str:
 
 
 def run_link(experiment_id: str, run_id: str) -> str:
-    return f"#/experiments/{experiment_id}/runs/{run_id}"
+    """The run's page, on the UI's model-training side (MLflow 3 opens the GenAI side by default)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def samples_artifact(best: dict) -> str:
@@ -48,11 +49,11 @@ def version_description(*, pair: str, subjects, prompt, best: dict, trials: int,
     label = trial_label(best.get("alignment", "palp"), best["hparams"])
     who = ", ".join(f"{md_escape(s.name)} as {md_escape(s.token)} ({md_escape(s.class_word)})" for s in subjects)
     method = best.get("best_method") or "cfg"
-    lines = [
-        f"**PALP adapter**: {who}, for the prompt “{md_escape(prompt.target)}”.",
+    lines = [  # the first line reads well as plain text too: the model page's versions table shows it raw
+        f"Trial {md_escape(short_id(best['trial_id']))} ({md_escape(label)}), the best of {trials} in sweep "
+        f"{md_escape(recipe_name)}: composite {_score(best.get('composite'))} after {best['step']} steps.",
         "",
-        f"The best of {trials} trial(s) of sweep {md_escape(recipe_name)}: trial "
-        f"{md_escape(short_id(best['trial_id']))} ({md_escape(label)}), {best['step']} steps.",
+        f"**PALP adapter**: {who}, for the prompt “{md_escape(prompt.target)}”.",
         "",
         *score_table(best, score_names, described),
         "",
@@ -72,12 +73,22 @@ def version_description(*, pair: str, subjects, prompt, best: dict, trials: int,
     return "\n".join(lines)
 
 
-def model_description(*, subjects, prompt, base_model: str, name: str) -> str:
-    """The registered model's description: what every version of it is, and how to use one."""
+def model_description(*, subjects, prompt, base_model: str, name: str, champion: str, best: dict,
+                      run_id: str) -> str:
+    """The registered model's description: what every version of it is, its champion (version `champion`, the
+    trial `best` of run `run_id`) with its samples, and how to use one."""
     who = ", ".join(f"{md_escape(s.name)} ({md_escape(s.token)}, a {md_escape(s.class_word)})" for s in subjects)
+    label = trial_label(best.get("alignment", "palp"), best["hparams"])
+    method = best.get("best_method") or "cfg"
     return "\n".join([
         f"**PALP adapters** of {who} for the prompt “{md_escape(prompt.target)}”, on base model "
         f"{md_escape(base_model)}.",
+        "",
+        f"**@champion: [version {champion}](#/models/{name}/versions/{champion})**, trial "
+        f"{md_escape(short_id(best['trial_id']))} ({md_escape(label)}): composite {_score(best.get('composite'))}, "
+        f"best sampling method {md_escape(method)}.",
+        "",
+        f"![samples of the champion with {md_escape(method)}]({artifact_link(run_id, samples_artifact(best))})",
         "",
         "Each version is the best trial of one sweep (its description has the scores and samples); the alias "
         "**@champion** is the best version scored under the same evaluation settings (tag eval\\_hash).",

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from PIL import Image
 
-from .labels import md_escape, short_id
+from .labels import md_escape, run_name, short_id
 from .model_card import run_link
 from .recipe import Recipe, format_value
 from .tracking import Tracking
@@ -45,10 +45,8 @@ def sweep_note(recipe: Recipe, summary: dict, registered: dict, failed: list[str
     text, subject = recipe.eval.metric_names
     scores = (text, subject, "composite")
     lines = [
-        f"**{md_escape(recipe.name)}**: PALP personalization of {md_escape(recipe.base_model)}, "
-        f"{len(summary)} (subject, prompt) pair(s) × {md_escape(searched_text(recipe))}: {len(rows)} trial(s), "
-        f"trained to step {steps[-1]} and scored at step(s) {', '.join(map(str, steps))} ({text}: text "
-        f"alignment, {subject}: subject fidelity); {how}.",
+        f"**{md_escape(recipe.name)}**: {len(rows)} trial(s) over {len(summary)} (subject, prompt) pair(s); "
+        "each pair's winner:",
         "",
         "| pair | winner | " + " | ".join(md_escape(k) for k in scores) + " | best method | registered |",
         "|" + "---|" * (len(scores) + 4),
@@ -65,8 +63,14 @@ def sweep_note(recipe: Recipe, summary: dict, registered: dict, failed: list[str
             winner = f"[{winner}]({run_link(experiment_id, runs[best['trial_id']])})"
         lines.append(f"| {md_escape(pair)} | {winner} | " + " | ".join(_score(best.get(k)) for k in scores)
                      + f" | {md_escape(best.get('best_method') or 'cfg')} | {version} |")
-    lines += ["", "Report plots: the images of this run (report/<pair>/pareto, curves); every trial and sampling "
-              f"method's scores: the table {TABLE}; summary.json and the plots as files: the report folder."]
+    lines += [
+        "",
+        f"PALP personalization of {md_escape(recipe.base_model)}, searched over {md_escape(searched_text(recipe))}; "
+        f"trained to step {steps[-1]}, scored at step(s) {', '.join(map(str, steps))} ({md_escape(text)}: text "
+        f"alignment, {md_escape(subject)}: subject fidelity); {how}.",
+        "",
+        "Report plots: the images of this run (report/<pair>/pareto, curves); every trial and sampling "
+        f"method's scores: the table {TABLE}; summary.json and the plots as files: the report folder."]
     if failed:
         lines += ["", "**Pairs with no finished trial:** " + md_escape(" | ".join(failed))]
     return "\n".join(lines)
@@ -91,16 +95,19 @@ def winner_fields(recipe: Recipe, summary: dict, registered: dict) -> tuple[dict
 
 
 def trials_table(recipe: Recipe, summary: dict) -> dict[str, list]:
-    """One row per trial and sampling method it was scored with (a trial stopped early: CFG at its step)."""
+    """One row per trial and sampling method it was scored with (a trial stopped early: CFG at its step). `run`,
+    the run's name, names the row: MlflowClient.load_table (pandas) reads a trial id such as "1e041_00000" as a
+    number."""
     text, subject = recipe.eval.metric_names
-    columns = ("pair", "trial", "label", "step", "status", "method", text, subject, "composite", "registered")
+    columns = ("run", "pair", "trial", "step", "status", "method", text, subject, "composite", "registered")
     table = {c: [] for c in columns}
     last = max(recipe.search.steps)
     for pair, entry in summary.items():
         for r in entry["trials"]:
             status = "failed" if r["error"] else "stopped early" if (r["step"] or 0) < last else "finished"
             for method, scores in (r.get("methods") or {"cfg": r}).items():
-                values = (pair, r["trial_id"], r["label"], r["step"], status, method, _num(scores.get(text)),
+                values = (run_name(pair, r["trial_id"], r["label"]), pair, r["trial_id"], r["step"], status, method,
+                          _num(scores.get(text)),
                           _num(scores.get(subject)), _num(scores.get("composite")), entry["best"] is r)
                 for column, value in zip(columns, values):
                     table[column].append(value)

@@ -65,7 +65,8 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict, trials: int
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=pyfunc_model.__file__, artifacts={"adapter": adapter},
                 code_paths=[str(Path(palp_trainer.__file__).parent)], pip_requirements=REQUIREMENTS,
-                model_config=defaults,  # predict samples with the version's best method unless told otherwise
+                # predict samples with the version's best method unless told otherwise
+                model_config=pyfunc_model.model_config(defaults),
             )
         _finish_model(client, info, pyfunc_model.signature(defaults), [prompt.target], Path(tmp) / "meta")
     version = mlflow.register_model(info.model_uri, name)
@@ -78,8 +79,6 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict, trials: int
         pair=pair, subjects=subjects, prompt=prompt, best=best, trials=trials, recipe_name=recipe.name,
         base_model=manifest["base_model"], experiment_id=tracking.experiment_id, run_id=run.info.run_id,
         score_names=score_keys, described={text: f"{text} (text alignment)", subject: f"{subject} (subject fidelity)"}))
-    client.update_registered_model(name, description=model_card.model_description(
-        subjects=subjects, prompt=prompt, base_model=manifest["base_model"], name=name))
     for key, value in model_card.model_tags(subjects=subjects, prompt=prompt, base_model=manifest["base_model"],
                                             recipe_name=recipe.name).items():
         client.set_registered_model_tag(name, key, value)
@@ -97,4 +96,7 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict, trials: int
             promoted, note = False, f"champion v{current} has {metric} {old:.4g}, this one {best[metric]:.4g}"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
+        client.update_registered_model(name, description=model_card.model_description(
+            subjects=subjects, prompt=prompt, base_model=manifest["base_model"], name=name,
+            champion=version.version, best=best, run_id=run.info.run_id))
     return {"name": name, "version": version.version, "champion": promoted, "note": note}

@@ -55,8 +55,9 @@ def _plain(ax) -> None:
 
 def plot_pareto(rows: list[dict], path: str | Path, title: str, text: str = "clip_t", subject: str = "clip_i",
                 registered: str | None = None) -> Path:
-    """Every scored trial at (subject, text), coloured by arm and labelled with its arm and searched values;
-    the front ringed and joined; the `registered` trial (its id) starred."""
+    """Every scored trial at (subject, text), coloured by arm and labelled with its arm and searched values (and
+    its step, when it stopped before the others); the front ringed and joined; the `registered` trial (its id)
+    starred."""
     scored = [r for r in rows if not math.isnan(r[subject]) and not math.isnan(r[text])]
     front = sorted((scored[i] for i in pareto_front([(r[subject], r[text]) for r in scored])),
                    key=lambda r: r[subject])
@@ -76,9 +77,11 @@ def plot_pareto(rows: list[dict], path: str | Path, title: str, text: str = "cli
     ax.set_xlim(*padded_limits([r[subject] for r in scored]))
     ax.set_ylim(*padded_limits([r[text] for r in scored]))
     x_mid = sum(ax.get_xlim()) / 2
+    last = max((r["step"] for r in scored if r.get("step") is not None), default=None)
     for r in scored:  # the label on the side facing the middle: it stays inside the frame
         right = r[subject] > x_mid
-        ax.annotate(point_label(r), (r[subject], r[text]), fontsize=7, xytext=(-6 if right else 6, 4),
+        at = f" (step {r['step']})" if r.get("step") is not None and r["step"] != last else ""  # stopped early
+        ax.annotate(point_label(r) + at, (r[subject], r[text]), fontsize=7, xytext=(-6 if right else 6, 4),
                     textcoords="offset points", ha="right" if right else "left", annotation_clip=True)
     _plain(ax)
     ax.set_xlabel(AXIS_LABELS.get(subject, subject))

@@ -213,10 +213,11 @@ def source_tags(recipe_path: str | None, git_sha: str) -> dict[str, str]:
 
 
 def runs_view(recipe) -> dict:
-    """The shared runs view's state (the UI's own keys): score and searched-knob columns, best first."""
+    """The shared runs view's state (the UI's own keys): the registered model, score and searched-knob columns,
+    best first."""
     scores = dict.fromkeys((*recipe.eval.metric_names, "composite", recipe.scheduler.metric))
-    return {"selectedColumns": [*(f"metrics.`{k}`" for k in scores), *(f"params.`{k}`" for k in recipe.search.dims),
-                                f"tags.`{STOPPED_TAG}`"],
+    return {"selectedColumns": ["attributes.`Models`", *(f"metrics.`{k}`" for k in scores),
+                                *(f"params.`{k}`" for k in recipe.search.dims), f"tags.`{STOPPED_TAG}`"],
             "orderByKey": f"metrics.`{recipe.scheduler.metric}`", "orderByAsc": recipe.scheduler.mode == "min"}
 
 

@@ -21,12 +21,18 @@ DEFAULT_PARAMS = {"seed": 0, "steps": 25, "guidance_scale": 7.5, "method": "cfg"
 
 
 def sampling_defaults(best_method: str | None) -> dict:
-    """DEFAULT_PARAMS with a version's best sampling method: "pg-0.6" -> method "pg", omega 0.6. Logged as the
-    model's config (`load_context` reads it) and as its signature's param defaults (MLflow fills those in)."""
+    """DEFAULT_PARAMS with a version's best sampling method: "pg-0.6" -> method "pg", omega 0.6: the signature's
+    param defaults (MLflow fills those in) and, as `model_config(...)`, what `load_context` reads."""
     if not best_method:
         return dict(DEFAULT_PARAMS)
     method, options = method_of(best_method)
     return {**DEFAULT_PARAMS, "method": method, **options}
+
+
+def model_config(defaults: dict) -> dict:
+    """The logged model's config: the sampling method. Nested, because MLflow also logs a model's config as
+    params of its run, and the run's own `steps` and `seed` are the training's, not sampling's."""
+    return {"sampling": {k: defaults[k] for k in ("method", "omega")}}
 
 
 def signature(defaults: dict = DEFAULT_PARAMS) -> ModelSignature:
@@ -51,7 +57,8 @@ class PalpPipelineModel(mlflow.pyfunc.PythonModel):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base, self.manifest = load_adapter(context.artifacts["adapter"], device)
         self.pipe = pipeline_from(self.base)
-        self.defaults = {**DEFAULT_PARAMS, **(context.model_config or {})}  # the version's best method
+        # the version's best method (model_config); older versions have no config: CFG
+        self.defaults = {**DEFAULT_PARAMS, **(context.model_config or {}).get("sampling", {})}
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[bytes]:
         from palp_trainer.evaluate import generate

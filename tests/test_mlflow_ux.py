@@ -14,7 +14,7 @@ from orchestrator.labels import md_escape, run_name, short_id, trial_label
 from orchestrator.recipe import Prompt, Subject
 from orchestrator.recipe_yaml import load_recipe
 from orchestrator.tracking import VIEW_TAG, Tracking, browse_lines, runs_view, source_tags
-from palp_trainer.pyfunc_model import DEFAULT_PARAMS, sampling_defaults, signature
+from palp_trainer.pyfunc_model import DEFAULT_PARAMS, model_config, sampling_defaults, signature
 from palp_trainer.runlog import RunLog, upscaled
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml")
@@ -78,6 +78,7 @@ def test_sampling_defaults_follow_the_best_method():
     assert sampling_defaults("alignit")["method"] == "alignit" and sampling_defaults(None) == DEFAULT_PARAMS
     params = {p.name: p.default for p in signature(sampling_defaults("pg-0.4")).params.params}
     assert params["method"] == "pg" and params["omega"] == 0.4 and params["steps"] == 25
+    assert model_config(sampling_defaults("pg-0.4")) == {"sampling": {"method": "pg", "omega": 0.4}}
 
 
 SUBJECT = Subject("cat", "[V1]", "cat", ("a.png",), "A photo of [V1]")
@@ -97,8 +98,15 @@ def test_version_description_escapes_the_prompts_and_embeds_the_best_methods_sam
     assert r"- \[V1\] (cat): subject cat" in text and r"smoke\_x" in text
     assert "![samples with pg-0.6](get-artifact?path=samples%2Fstep-000008-pg-0.6.png&run_uuid=r1)" in text
     assert "| **pg-0.6** | **0.3100** | **0.7200** | **0.4700** |" in text and "| cfg | 0.3000 |" in text
-    assert "(#/experiments/3/runs/r1)" in text and "00001 · palp r4 · cat/a-sketch" in text
+    assert text.startswith("Trial 00001 (palp r4), the best of 4 in sweep smoke\\_x: composite 0.4700 after 8 steps.")
+    assert "(#/experiments/3/runs/r1?workflowType=machine_learning)" in text
+    assert "00001 · palp r4 · cat/a-sketch" in text
     assert model_card.samples_artifact({**BEST, "best_method": "cfg"}) == "samples/step-000008.png"
+    model = model_card.model_description(subjects=(SUBJECT,), prompt=PROMPT, base_model="tiny", name="palp-cat",
+                                         champion="3", best=BEST, run_id="r1")
+    assert "**@champion: [version 3](#/models/palp-cat/versions/3)**, trial 00001 (palp r4): composite 0.4700" in model
+    assert "](get-artifact?path=samples%2Fstep-000008-pg-0.6.png&run_uuid=r1)" in model
+    assert r"“A sketch of \[V1\] \(cat\) in \*ink\*”" in model
 
 
 def test_version_tags_are_few_scores_first_and_the_baseline_has_no_alpha():
@@ -127,7 +135,8 @@ def test_parent_run_description_winners_and_table():
                                ["dog__a-sketch-of-v2: no trial ran"], {"12894_00001": "r1"}, "3")
     assert r"**smoke**" in note and r"alpha 7.5 × alignment \[palp, none\]" in note
     assert "ASHA (reduction factor 2, from milestone 1) stopped 1 of 2 trial(s) early" in note
-    assert "[00001 · palp r4](#/experiments/3/runs/r1)" in note
+    assert note.startswith("**smoke**: 2 trial(s) over 2 (subject, prompt) pair(s); each pair's winner:")
+    assert "[00001 · palp r4](#/experiments/3/runs/r1?workflowType=machine_learning)" in note
     assert "[palp-cat v2](#/models/palp-cat/versions/2)" in note
     assert r"cat\_\_a-sketch-of-v1" in note and "**Pairs with no finished trial:**" in note
     registered = {"cat__a-sketch-of-v1": {"name": "palp-cat", "version": "2"}}
@@ -140,6 +149,7 @@ def test_parent_run_description_winners_and_table():
     table = overview.trials_table(recipe, summary)
     # the finished trial once per sampling method, the stopped one once (CFG at its step)
     assert table["method"] == ["cfg", "pg-0.6", "cfg"] and table["step"] == [8, 8, 4]
+    assert table["run"] == ["00001 · palp r4 · cat/a-sketch-of-v1"] * 2 + ["00000 · baseline · cat/a-sketch-of-v1"]
     assert table["status"] == ["finished", "finished", "stopped early"] and table["registered"] == [True, True, False]
     assert table["composite"] == [0.46, 0.47, 0.47]
 
@@ -156,8 +166,9 @@ def test_browse_line_opens_the_runs_view():
 
 def test_runs_view_shows_scores_and_searched_knobs_best_first():
     view = runs_view(load_recipe(SMOKE))
-    assert view["selectedColumns"] == ["metrics.`clip_t`", "metrics.`clip_i`", "metrics.`composite`",
-                                       "params.`alpha`", "params.`alignment`", "tags.`palp.stopped_early_at`"]
+    assert view["selectedColumns"] == ["attributes.`Models`", "metrics.`clip_t`", "metrics.`clip_i`",
+                                       "metrics.`composite`", "params.`alpha`", "params.`alignment`",
+                                       "tags.`palp.stopped_early_at`"]
     assert view["orderByKey"] == "metrics.`composite`" and view["orderByAsc"] is False
     json.dumps(view)  # an experiment tag
 

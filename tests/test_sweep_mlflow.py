@@ -124,8 +124,8 @@ def test_parent_run_describes_the_sweep_and_its_winner(sweep, tmp_path):
     summary = json.loads((sweep["storage"] / "smoke" / "report" / "summary.json").read_text())
     best = summary["cat__a-sketch-of-v1"]["best"]
     note = parent.data.tags["mlflow.note.content"]
-    assert note.startswith("**smoke**: PALP personalization of tiny, 1 (subject, prompt) pair(s) × alpha 7.5 × "
-                           r"alignment \[palp, none\]: 2 trial(s)")
+    assert note.startswith("**smoke**: 2 trial(s) over 1 (subject, prompt) pair(s); each pair's winner:")
+    assert r"PALP personalization of tiny, searched over alpha 7.5 × alignment \[palp, none\]" in note
     assert "ASHA (reduction factor 2, from milestone 1) stopped 1 of 2 trial(s) early" in note
     assert "[palp-cat-a-sketch-of-v1 v1](#/models/palp-cat-a-sketch-of-v1/versions/1)" in note
     metrics, tags = parent.data.metrics, parent.data.tags
@@ -142,7 +142,12 @@ def test_parent_run_describes_the_sweep_and_its_winner(sweep, tmp_path):
     table = client.load_table(experiment.experiment_id, "trials.json", run_ids=[parent.info.run_id])
     assert sorted(table["method"]) == ["alignit", "cfg", "cfg", "pg-0.6"]
     assert sorted(zip(table["status"], table["step"])) == [("finished", 8)] * 3 + [("stopped early", 4)]
-    assert table[table["registered"]]["trial"].unique().tolist() == [best["trial_id"]]
+    winner = [r for _, r in table.iterrows() if r["registered"]]  # its trial id may read as a number ("1e041_00000")
+    assert {r["run"] for r in winner} == {client.get_run(client.get_model_version(
+        "palp-cat-a-sketch-of-v1", "1").run_id).info.run_name} and len(winner) == 3
+    raw = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))).read_text())
+    assert {row[raw["columns"].index("trial")] for row in raw["data"]} == set(t["trial_id"] for t in
+                                                                            summary["cat__a-sketch-of-v1"]["trials"])
     # MLflow's standard source tags, on the parent and every child
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     sha = parent.data.params["git_sha"]
@@ -197,7 +202,9 @@ def test_registry_version_alias_and_pyfunc(sweep, tmp_path):
     assert f"get-artifact?path={grid.replace('/', '%2F')}&run_uuid={version.run_id}" in version.description
     assert {a.path for a in client.list_artifacts(version.run_id, "samples")} >= {grid}
     assert f"| **{best_method}** |" in version.description
-    assert "@champion" in model.description and "A sketch of \\[V1\\]" in model.description
+    assert f"**@champion: [version {version.version}](#/models/{model.name}/versions/{version.version})**" in \
+        model.description and "A sketch of \\[V1\\]" in model.description
+    assert f"get-artifact?path={grid.replace('/', '%2F')}&run_uuid={version.run_id}" in model.description
     assert model.tags == {"subjects": "cat", "tokens": "[V1]", "target_prompt": "A sketch of [V1]",
                           "base_model": "tiny", "recipe": "smoke"}
 
@@ -210,8 +217,11 @@ def test_registry_version_alias_and_pyfunc(sweep, tmp_path):
                                                   dst_path=str(tmp_path / "example"))
     assert json.loads(Path(example).read_text()) == ["A sketch of [V1]"]
     defaults = {p.name: p.default for p in meta.signature.params.params}
-    assert defaults["method"] == best_method.split("-")[0] and meta.flavors["python_function"]["config"]["method"] == \
-        best_method.split("-")[0]
+    config = meta.flavors["python_function"]["config"]["sampling"]
+    assert defaults["method"] == config["method"] == best_method.split("-")[0]
+    # the model's config is logged as params of its run too: namespaced, it leaves the training's params alone
+    params = client.get_run(version.run_id).data.params
+    assert params["sampling/method"] == config["method"] and params["steps"] == "8"
     loaded = mlflow.pyfunc.load_model(f"models:/{model.name}@champion")
     [png] = loaded.predict(["A sketch of [V1]"], params={"seed": 3, "steps": 4, "guidance_scale": 5.0, "method": "cfg"})
     got = np.asarray(Image.open(io.BytesIO(png)))
