@@ -1,30 +1,49 @@
 """Model registry: the best trial of each pair becomes a pyfunc model version; `champion` moves only forward."""
 
+import json
 import tempfile
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.models import Model
 
 import palp_trainer
 from palp_trainer import pyfunc_model
 from palp_trainer.export import read_manifest
-from palp_trainer.pyfunc_model import SIGNATURE
 
+from . import model_card
 from .recipe import slugify
 from .tracking import CHAMPION, Tracking
 
 REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "safetensors", "mlflow", "pillow"]
+MODEL_NAME = "palp-adapter"  # the logged model's name (MLflow's default is "model")
+
+
+def _finish_model(client: MlflowClient, info, signature, example: list[str], folder: Path) -> None:
+    """Write the logged model's signature (its params' defaults are the version's) and input example into its
+    MLmodel. Given to log_model instead, an input example makes MLflow load the base model and sample it, twice,
+    to check the example: minutes on a CPU driver, and a hub download on a head node that never needed one."""
+    folder.mkdir()
+    meta = Model.load(info.model_uri)  # its MLmodel file
+    meta.signature = signature
+    (folder / "input_example.json").write_text(json.dumps(example))
+    (folder / "serving_input_example.json").write_text(json.dumps({"inputs": example}, indent=2))
+    meta.saved_input_example_info = {"artifact_path": "input_example.json", "type": "json_object",
+                                     "serving_input_path": "serving_input_example.json"}
+    meta.save(str(folder / "MLmodel"))
+    client.log_model_artifacts(info.model_id, str(folder))
 
 
 def _better(new: float, old: float, mode: str) -> bool:
     return new > old if mode == "max" else new < old
 
 
-def register_best(tracking: Tracking, recipe, pair: str, best: dict) -> dict:
-    """Log the best trial's adapter as a pyfunc model in its own run, register a version, tag it,
-    and move `champion` to it if it beats the current champion on the recipe's metric, scored under the same
-    evaluation settings. A run already registered (a resumed sweep) is not registered again."""
+def register_best(tracking: Tracking, recipe, pair: str, best: dict, trials: int = 1) -> dict:
+    """Log the best trial's adapter as a pyfunc model in its own run, register a version, describe and tag it
+    and its registered model, and move `champion` to it if it beats the current champion on the recipe's metric,
+    scored under the same evaluation settings. A run already registered (a resumed sweep) is not registered
+    again. `trials`: how many the pair's sweep ran (the description says of how many this is the best)."""
     client = MlflowClient(tracking.uri)
     mlflow.set_tracking_uri(tracking.uri)
     run = client.get_run(tracking.find_run(best["trial_id"]))
@@ -32,37 +51,37 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict) -> dict:
     name = recipe.mlflow.registered_model_template.format(
         subjects="-".join(slugify(s.name) for s in subjects), prompt_slug=prompt.slug)
     metric, mode = recipe.mlflow.champion_metric or recipe.scheduler.metric, recipe.scheduler.mode
+    score_keys = (*recipe.eval.metric_names, "composite")
     done = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
     if done:
         aliases = client.get_registered_model(name).aliases or {}
         return {"name": name, "version": done[0].version, "champion": aliases.get(CHAMPION) == done[0].version,
                 "note": "registered before, not again"}
+    defaults = pyfunc_model.sampling_defaults(best.get("best_method"))
     with tempfile.TemporaryDirectory() as tmp:
         adapter = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter", dst_path=tmp)
         manifest = read_manifest(adapter)
         with mlflow.start_run(run_id=run.info.run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=pyfunc_model.__file__, artifacts={"adapter": adapter},
+                name=MODEL_NAME, python_model=pyfunc_model.__file__, artifacts={"adapter": adapter},
                 code_paths=[str(Path(palp_trainer.__file__).parent)], pip_requirements=REQUIREMENTS,
+                # predict samples with the version's best method unless told otherwise
+                model_config=pyfunc_model.model_config(defaults),
             )
-        # predict's type hints give inputs/outputs; the params (seed, steps, ...) are added here
-        mlflow.models.set_signature(info.model_uri, SIGNATURE)
+        _finish_model(client, info, pyfunc_model.signature(defaults), [prompt.target], Path(tmp) / "meta")
     version = mlflow.register_model(info.model_uri, name)
-    knobs = ("alpha", "beta", "rank", "alignment", "align_weight", "align_every")
     common = dict(tracking.common_params)
-    tags = {**best["hparams"], **{k: manifest[k] for k in knobs},
-            "steps": manifest["steps"], "base_model": manifest["base_model"], "recipe": recipe.name,
-            "recipe_hash": common["recipe_hash"], "eval_hash": common["eval_hash"], "source_run": run.info.run_id,
-            "pair": pair, **{f"metric.{k}": best[k] for k in (*recipe.eval.metric_names, "composite") if k in best},
-            f"metric.{metric}": best[metric]}
-    if best.get("best_method"):
-        tags["best_method"] = best["best_method"]
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version.version, key, str(value))
-    client.update_model_version(name, version.version, description=(
-        f"PALP adapter for {pair}.\ntarget prompt: {prompt.target}\nclean prompt: {prompt.clean}\n"
-        + "".join(f"{s.token} ({s.class_word}): {s.prompt}\n" for s in subjects)
-        + f"source run: {run.info.run_id}"))
+    text, subject = recipe.eval.metric_names
+    for key, value in model_card.version_tags(best, manifest, score_keys, metric, common["eval_hash"],
+                                              recipe.name).items():
+        client.set_model_version_tag(name, version.version, key, value)
+    client.update_model_version(name, version.version, description=model_card.version_description(
+        pair=pair, subjects=subjects, prompt=prompt, best=best, trials=trials, recipe_name=recipe.name,
+        base_model=manifest["base_model"], experiment_id=tracking.experiment_id, run_id=run.info.run_id,
+        score_names=score_keys, described={text: f"{text} (text alignment)", subject: f"{subject} (subject fidelity)"}))
+    for key, value in model_card.model_tags(subjects=subjects, prompt=prompt, base_model=manifest["base_model"],
+                                            recipe_name=recipe.name).items():
+        client.set_registered_model_tag(name, key, value)
     # the registry's own aliases, not an error caught as "no champion": MLflow failures surface
     current = (client.get_registered_model(name).aliases or {}).get(CHAMPION)
     promoted, note = True, None
@@ -77,4 +96,7 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict) -> dict:
             promoted, note = False, f"champion v{current} has {metric} {old:.4g}, this one {best[metric]:.4g}"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
+        client.update_registered_model(name, description=model_card.model_description(
+            subjects=subjects, prompt=prompt, base_model=manifest["base_model"], name=name,
+            champion=version.version, best=best, run_id=run.info.run_id))
     return {"name": name, "version": version.version, "champion": promoted, "note": note}

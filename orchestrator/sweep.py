@@ -20,18 +20,20 @@ from ray.experimental import internal_kv
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from palp_trainer import storage as store
-from palp_trainer.config import SMALL_BASES
+from palp_trainer.config import SMALL_BASES, parse_methods
 from palp_trainer.loop import DECISIONS, decision_key
 from palp_trainer.storage import is_remote, join
 
+from . import overview
 from .base_model import check_base
 from .connect import TRIAL_ACTOR, autoscaler_node_types, check_feasible, connect, resolve_address
+from .labels import trial_label
 from .recipe import Recipe, RecipeError
 from .registry import register_best
 from .search_space import hparams_of, param_space
-from .selection import pareto_front, plot_curves, plot_pareto
-from .tracking import (STOPPED_TAG, Tracking, close_open_children, end_run, fail_run, mask, preflight, reason,
-                       resolve_tracking_uri, start_sweep)
+from .selection import pareto_front, plot_curves, plot_pareto, point_label
+from .tracking import (STOPPED_TAG, Tracking, browse_lines, close_open_children, end_run, fail_run, mask, preflight,
+                       reason, resolve_tracking_uri, start_sweep)
 from .trial import run_trial, scheduler_key, trial_output_uri
 
 INTERRUPTED = 130  # the shell's code for a Ctrl-C'd command
@@ -198,19 +200,21 @@ def summarize(recipe: Recipe, results, report_dir: Path, report_uri: str | None 
     keys = score_keys(recipe)
     text, subject = recipe.eval.metric_names
     last_step = max(recipe.search.steps)
+    methods = [label for label, _, _ in parse_methods(recipe.eval.methods)] if recipe.eval.methods else []
     pairs: dict[str, list] = {p: [] for p in recipe.pair_ids()}
     for result in results:
         m = result.metrics or {}
+        hparams = hparams_of(result.config)
+        alignment = hparams.get("alignment", recipe.train.alignment)
         row = {"trial_id": m.get("trial_id", Path(result.path).name), "pair": result.config["pair"],
-               "hparams": hparams_of(result.config),
-               "alignment": hparams_of(result.config).get("alignment", recipe.train.alignment),
+               "hparams": hparams, "alignment": alignment, "label": trial_label(alignment, hparams),
                "step": m.get("step"), "error": reason(result.error) if result.error else None,
                "adapter": None, "best_method": m.get("best_method"),
-               **{k: m.get(k, float("nan")) for k in (*keys, metric, recipe.mlflow.champion_metric or metric)}}
-        df = result.metrics_dataframe
-        history = [] if df is None or "step" not in df else [
-            {k: float(r[k]) for k in ("step", *keys) if k in df and not _nan(r[k])}
-            for r in df.to_dict("records")]
+               **{k: m.get(k, float("nan")) for k in (*keys, metric, recipe.mlflow.champion_metric or metric)},
+               # every sampling method's scores on the finished trial (evaluate_methods)
+               "methods": {label: {k: m[f"method/{label}/{k}"] for k in keys if f"method/{label}/{k}" in m}
+                           for label in methods if f"method/{label}/composite" in m}}
+        history = milestone_history(result.metrics_dataframe, recipe.search.steps, keys)
         if storage and row["step"] == last_step:  # where the trial's final adapter was written
             row["adapter"] = join(trial_output_uri(storage, recipe, row["pair"], row["trial_id"]), "adapter")
         pairs[row["pair"]].append((row, history))
@@ -226,8 +230,12 @@ def summarize(recipe: Recipe, results, report_dir: Path, report_uri: str | None 
         out.mkdir(parents=True, exist_ok=True)
         plots = {}
         if rows:
-            plot_pareto(rows, out / "pareto.png", pair, text, subject)
-            plot_curves({r["trial_id"]: h for r, h in trials}, out / "curves.png", list(keys))
+            title = pair.replace("__", " / ")
+            plot_pareto(rows, out / "pareto.png", title, text, subject, registered=best and best["trial_id"])
+            stopped = {r["trial_id"]: f" (stopped at {r['step']})" for r in rows
+                       if r["error"] is None and r["step"] is not None and r["step"] < last_step}
+            plot_curves({point_label(r) + stopped.get(r["trial_id"], ""): h for r, h in trials}, out / "curves.png",
+                        list(keys), title, registered=best and point_label(best))
             plots = {name: join(report_uri, pair, f"{name}.png") for name in ("pareto", "curves")}
         summary[pair] = {"best": best, "trials": rows, "plots": plots}
         if best is None:
@@ -235,6 +243,20 @@ def summarize(recipe: Recipe, results, report_dir: Path, report_uri: str | None 
             failed.append(f"{pair}: {reasons}")
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary, failed
+
+
+def milestone_history(df, milestones, keys) -> list[dict]:
+    """A trial's scores at each milestone, from Tune's results: what its MLflow run holds. Reports between
+    milestones (checkpoints) repeat the last scores at a step never evaluated, and a trial resumed after its
+    last step reports that step again; neither becomes a point."""
+    if df is None or "step" not in df:
+        return []
+    at = {}
+    for r in df.to_dict("records"):
+        if not _nan(r["step"]) and int(r["step"]) in milestones:
+            at[int(r["step"])] = {"step": float(r["step"]),
+                                  **{k: float(r[k]) for k in keys if k in r and not _nan(r[k])}}
+    return [at[step] for step in sorted(at)]
 
 
 def trial_statuses(experiment: str) -> dict[str, str]:
@@ -320,6 +342,8 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
         summary, failed = summarize(recipe, results, report_dir, report_uri, storage)
         unfinished = record_outcomes(tracking, summary, trial_statuses(experiment), max(recipe.search.steps))
         client.log_artifacts(tracking.parent_run_id, str(report_dir), "report")
+        if not unfinished:
+            overview.log_report(client, tracking.parent_run_id, recipe, summary, report_dir)
         if is_remote(storage):
             store.upload(report_dir, report_uri)
             shutil.rmtree(report_dir)  # the driver's copy: the storage holds the report
@@ -340,13 +364,14 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
         print(f"palp-sweep: interrupted with {len(unfinished)} trial(s) unfinished; nothing registered. "
               f"Resume with: {resume_hint}", file=sys.stderr)
         return INTERRUPTED
-    registered = [register_best(tracking, recipe, pair, s["best"]) for pair, s in summary.items() if s["best"]]
-    end_run(client, tracking.parent_run_id, "FAILED" if failed else "FINISHED",
-            ("pairs with no finished trial: " + " | ".join(failed)) if failed else None)
-    for r in registered:
+    registered = {pair: register_best(tracking, recipe, pair, s["best"], len(s["trials"]))
+                  for pair, s in summary.items() if s["best"]}
+    overview.describe(tracking, recipe, summary, registered, failed)  # its note says which pairs failed
+    end_run(client, tracking.parent_run_id, "FAILED" if failed else "FINISHED")
+    for r in registered.values():
         print(f"registered: models:/{r['name']}/{r['version']}" + ("  (champion)" if r["champion"] else "")
               + (f"  ({r['note']})" if r.get("note") else ""))
-    print(f"browse: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"browse: {mask(uri)}")
+    print("browse: " + "\n        ".join(browse_lines(uri, tracking.experiment_id)))
     if registered and uri != f"sqlite:///{Path.cwd() / 'mlflow.db'}":  # where `models` looks by default
         print(f"models: palp-sweep models list --tracking-uri {mask(uri)}")
     if failed:

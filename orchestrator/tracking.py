@@ -5,6 +5,7 @@ here, and rank 0 of its Ray Train workers only appends metrics and artifacts to 
 """
 
 import fcntl
+import getpass
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from .labels import run_name
 from .recipe import RecipeError
 
 TRIAL_TAG = "palp.trial_id"
@@ -28,6 +30,11 @@ SWEEP_TAG = "palp.sweep"
 ERROR_TAG = "palp.error"
 STOPPED_TAG = "palp.stopped_early_at"
 CHAMPION = "champion"
+# the experiment's shared runs view (MLflow's "share view" state, an experiment tag): the trials flat, sorted by
+# the sweep's metric, with the scores and the searched knobs as columns; the browse line opens it
+VIEW = "palp-sweep"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW}"
+UI_PORT = 5000  # `mlflow ui`'s default
 
 
 class TrackingError(RecipeError):
@@ -132,6 +139,7 @@ class Tracking:
     experiment_id: str
     parent_run_id: str
     common_params: tuple[tuple[str, str], ...]
+    source_tags: tuple[tuple[str, str], ...] = ()  # MLflow's user / source / git tags, on every run
 
     def find_run(self, trial_id: str) -> str | None:
         """The child run of a trial, by its trial-id tag."""
@@ -139,14 +147,16 @@ class Tracking:
                                                    filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'")
         return found[0].info.run_id if found else None
 
-    def child_run(self, pair: str, trial_id: str, hparams: dict) -> str:
-        """The trial's nested run `<pair>/<trial id>`; found again, never duplicated, on retry/resume."""
+    def child_run(self, pair: str, trial_id: str, hparams: dict, label: str) -> str:
+        """The trial's nested run, named `<short id> · <label> · <pair>` (labels.run_name; `label`: its arm and
+        searched values); found again, never duplicated, on retry/resume."""
         found = self.find_run(trial_id)
         if found:
             return found
         client = MlflowClient(self.uri)
-        run = client.create_run(self.experiment_id, run_name=f"{pair}/{trial_id}", tags={
-            "mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial_id, "palp.pair": pair})
+        run = client.create_run(self.experiment_id, run_name=run_name(pair, trial_id, label), tags={
+            **dict(self.source_tags), "mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial_id,
+            "palp.pair": pair})
         params = {**dict(self.common_params), **{k: str(v) for k, v in hparams.items()}, "pair": pair}
         for key, value in params.items():
             client.log_param(run.info.run_id, key, value)
@@ -173,16 +183,52 @@ def start_sweep(uri: str, recipe, recipe_path: str | None, storage: str, overrid
               **versions()}
     found = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_key}'",
                                order_by=["attributes.start_time DESC"], max_results=1) if resume else []
+    sources = source_tags(recipe_path, common["git_sha"])
     if found:
         parent = found[0].info.run_id
         client.update_run(parent, status="RUNNING")
     else:
-        parent = client.create_run(experiment_id, run_name=recipe.name, tags={SWEEP_TAG: sweep_key}).info.run_id
+        parent = client.create_run(experiment_id, run_name=recipe.name,
+                                   tags={**sources, SWEEP_TAG: sweep_key}).info.run_id
         for key, value in common.items():
             client.log_param(parent, key, value)
         if recipe_path:
             client.log_artifact(parent, recipe_path, "recipe")
-    return Tracking(uri, experiment_id, parent, tuple(sorted(common.items())))
+    client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(runs_view(recipe)))
+    return Tracking(uri, experiment_id, parent, tuple(sorted(common.items())), tuple(sorted(sources.items())))
+
+
+def source_tags(recipe_path: str | None, git_sha: str) -> dict[str, str]:
+    """MLflow's standard run tags (what `mlflow.start_run` sets; MlflowClient.create_run sets none): who ran
+    it, from what, at which commit. The UI's Source column shows them."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = "unknown"
+    tags = {"mlflow.user": user, "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": f"palp-sweep {recipe_path}" if recipe_path else "palp-sweep"}
+    if git_sha != "unknown":
+        tags["mlflow.source.git.commit"] = git_sha
+    return tags
+
+
+def runs_view(recipe) -> dict:
+    """The shared runs view's state (the UI's own keys): the registered model, score and searched-knob columns,
+    best first."""
+    scores = dict.fromkeys((*recipe.eval.metric_names, "composite", recipe.scheduler.metric))
+    return {"selectedColumns": ["attributes.`Models`", *(f"metrics.`{k}`" for k in scores),
+                                *(f"params.`{k}`" for k in recipe.search.dims), f"tags.`{STOPPED_TAG}`"],
+            "orderByKey": f"metrics.`{recipe.scheduler.metric}`", "orderByAsc": recipe.scheduler.mode == "min"}
+
+
+def browse_lines(uri: str, experiment_id: str) -> list[str]:
+    """Where a person sees the sweep: the experiment's runs view (not the GenAI traces page the UI opens on by
+    default), with the shared view's columns; for a local store, the `mlflow ui` command that serves it."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW}"
+    if is_local_store(uri):
+        return [f"mlflow ui --backend-store-uri {uri} --port {UI_PORT}",
+                f"then open http://127.0.0.1:{UI_PORT}/{page}"]
+    return [f"{mask(uri).rstrip('/')}/{page}"]
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, note: str | None = None, **tags) -> None:

@@ -14,6 +14,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from palp_trainer.loop import train_loop
 from palp_trainer.storage import is_remote, join
 
+from .labels import trial_label
 from .recipe import PLACEMENTS, Recipe
 from .search_space import hparams_of, train_config
 from .tracking import Tracking, end_run, fail_run, reason
@@ -62,7 +63,7 @@ def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Trackin
         config = replace(config, output_uri=trial_output_uri(storage_path, recipe, params["pair"], trial_id))
     # every effective hyperparameter, searched or not (subjects, prompts and eval are in the parent run)
     knobs = {k: v for k, v in config.to_dict().items() if k not in NOT_PARAMS}
-    run_id = tracking.child_run(params["pair"], trial_id, knobs)
+    run_id = tracking.child_run(params["pair"], trial_id, knobs, trial_label(config.alignment, hparams))
     MlflowClient(tracking.uri).log_metric(run_id, "time/trial_start_unix", started)
     config = replace(config, mlflow_uri=tracking.uri, mlflow_run_id=run_id,
                      scheduler_key=scheduler_key(recipe.name, trial_id) if recipe.scheduler.type == "asha" else None)

@@ -160,7 +160,8 @@ def evaluate_adapter(config: TrainConfig, base: Base, step: int, out_dir: Path,
 
 def evaluate_methods(config: TrainConfig, base: Base, step: int, out_dir: Path, cfg_scores: dict) -> dict:
     """Score the finished trial under every configured sampling method on the same seeds (AlignIT,
-    personalization guidance vs CFG); returns `method/<label>/<score>` and the winning `best_method`.
+    personalization guidance vs CFG); returns `method/<label>/<score>`, each method's grid as
+    `method/<label>/samples` (CFG's is `cfg_scores`' "samples") and the winning `best_method`.
 
     `cfg_scores` is this step's `evaluate_adapter` result: plain CFG on the same seeds, not sampled twice."""
     from .guidance import sample
@@ -180,9 +181,9 @@ def evaluate_methods(config: TrainConfig, base: Base, step: int, out_dir: Path, 
         images = sample(pipe, config.target_prompt, method, seeds=ev.image_seeds, steps=ev.steps,
                         guidance_scale=ev.guidance_scale, batch_size=ev.batch_size, resolution=config.resolution,
                         placeholders=placeholders, **kwargs)
-        save_grid(images, out_dir / f"step-{step:06d}-{label}.png")
+        grid = save_grid(images, out_dir / f"step-{step:06d}-{label}.png")
         scores = score_images(ev, scorer, config, images, references)
-        out.update({f"method/{label}/{k}": v for k, v in scores.items()})
+        out.update({f"method/{label}/{k}": v for k, v in scores.items()}, **{f"method/{label}/samples": str(grid)})
         composites[label] = scores["composite"]
     out["best_method"] = max(composites, key=composites.get)
     return out

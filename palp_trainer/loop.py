@@ -340,9 +340,12 @@ def _evaluate(config: TrainConfig, base, step: int, output: Path, log) -> dict:
     if step == config.steps and config.eval.methods:
         scores.update(evaluate_methods(config, base, step, output / "samples", scores))
     if log:
+        redone = log.holds(step, "composite")  # a restart redid this evaluation: its images are in the run
         log.metrics(step, scores)
-        log.artifact(scores["samples"], "samples")
         log.flush()
+        for key, grid in scores.items():  # "samples" (CFG, every milestone), "method/<label>/samples" (last step)
+            if key.endswith("samples") and not redone:
+                log.samples(grid, key, step)
     return scores
 
 

@@ -4,6 +4,8 @@ Logged as a model from code (this file, with palp_trainer as code_paths), so not
 
     model = mlflow.pyfunc.load_model("models:/palp-cat-a-sketch-of-v1@champion")
     pngs = model.predict(["A sketch of [V1]"], params={"seed": 0, "steps": 25, "guidance_scale": 7.5})
+
+`method` defaults to the version's best sampling method (its model config), else "cfg".
 """
 
 import io
@@ -13,15 +15,35 @@ import mlflow.pyfunc
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
+from palp_trainer.config import method_of
+
 DEFAULT_PARAMS = {"seed": 0, "steps": 25, "guidance_scale": 7.5, "method": "cfg", "omega": 0.6}
 
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec(DataType.string)]),
-    outputs=Schema([ColSpec(DataType.binary)]),
-    params=ParamSchema([ParamSpec(k, DataType.string if isinstance(v, str) else
-                                  DataType.long if isinstance(v, int) else DataType.double, v)
-                        for k, v in DEFAULT_PARAMS.items()]),
-)
+
+def sampling_defaults(best_method: str | None) -> dict:
+    """DEFAULT_PARAMS with a version's best sampling method: "pg-0.6" -> method "pg", omega 0.6: the signature's
+    param defaults (MLflow fills those in) and, as `model_config(...)`, what `load_context` reads."""
+    if not best_method:
+        return dict(DEFAULT_PARAMS)
+    method, options = method_of(best_method)
+    return {**DEFAULT_PARAMS, "method": method, **options}
+
+
+def model_config(defaults: dict) -> dict:
+    """The logged model's config: the sampling method. Nested, because MLflow also logs a model's config as
+    params of its run, and the run's own `steps` and `seed` are the training's, not sampling's."""
+    return {"sampling": {k: defaults[k] for k in ("method", "omega")}}
+
+
+def signature(defaults: dict = DEFAULT_PARAMS) -> ModelSignature:
+    """prompts -> PNG bytes; the sampling knobs as params with `defaults`."""
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string)]),
+        outputs=Schema([ColSpec(DataType.binary)]),
+        params=ParamSchema([ParamSpec(k, DataType.string if isinstance(v, str) else
+                                      DataType.long if isinstance(v, int) else DataType.double, v)
+                            for k, v in defaults.items()]),
+    )
 
 
 class PalpPipelineModel(mlflow.pyfunc.PythonModel):
@@ -35,10 +57,12 @@ class PalpPipelineModel(mlflow.pyfunc.PythonModel):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base, self.manifest = load_adapter(context.artifacts["adapter"], device)
         self.pipe = pipeline_from(self.base)
+        # the version's best method (model_config); older versions have no config: CFG
+        self.defaults = {**DEFAULT_PARAMS, **(context.model_config or {}).get("sampling", {})}
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[bytes]:
         from palp_trainer.evaluate import generate
-        p = {**DEFAULT_PARAMS, **(params or {})}
+        p = {**self.defaults, **(params or {})}
         resolution = self.manifest["resolution"]
         if p["method"] == "cfg":
             images = [generate(self.pipe, prompt, (int(p["seed"]),), int(p["steps"]), float(p["guidance_scale"]),

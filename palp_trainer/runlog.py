@@ -1,11 +1,25 @@
 """Rank 0's writes to the trial's MLflow run. The run itself is created by the orchestrator."""
 
+import math
 import sys
 import time
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from PIL import Image
+
+MIN_WIDTH = 512  # px: a 32 px model's 3x3 grid (96 px) is a speck in the MLflow UI
+
+
+def upscaled(image: Image.Image, min_width: int = MIN_WIDTH) -> Image.Image:
+    """`image` enlarged by the smallest whole factor that makes it >= min_width wide, nearest-neighbour (each
+    pixel a crisp block: the samples as sampled, only bigger); as it is when wide enough."""
+    factor = math.ceil(min_width / image.width)
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
 class RunLog:
@@ -42,6 +56,18 @@ class RunLog:
                 raise
             print(f"palp: MLflow unreachable, {len(self.pending)} metric values kept for the next flush: "
                   f"{str(e).splitlines()[0]}", file=sys.stderr)
+
+    def holds(self, step: int, key: str) -> bool:
+        """Whether the run held `key` at `step` before this process started (a restart redoes such steps)."""
+        return step <= self.logged.get(key, 0)
+
+    def samples(self, path, key: str, step: int) -> None:
+        """A sample grid, upscaled: as an MLflow image under `key` at `step` (the run page's image cards, with
+        a step slider) and as the artifact samples/<file name>."""
+        with Image.open(path) as grid:
+            image = upscaled(grid.convert("RGB"))
+        self.client.log_image(self.run_id, image, key=key, step=step)
+        self.client.log_image(self.run_id, image, artifact_file=f"samples/{Path(path).name}")
 
     def artifact(self, path, folder: str) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)

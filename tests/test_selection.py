@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator.selection import pareto_front, plot_curves, plot_pareto
+from orchestrator.selection import padded_limits, pareto_front, plot_curves, plot_pareto, point_label
 
 NAN = float("nan")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -47,8 +47,8 @@ def assert_png(path) -> np.ndarray:
         return np.asarray(img.convert("RGB")).astype(int)
 
 
-# matplotlib's tab10: trials, the baseline arm, the front
-BLUE, GRAY, RED = (0x1F, 0x77, 0xB4), (0x7F, 0x7F, 0x7F), (0xD6, 0x27, 0x28)
+# matplotlib's tab10: trials, the baseline arm, the front; the registered trial's star
+BLUE, GRAY, RED, GOLD = (0x1F, 0x77, 0xB4), (0x7F, 0x7F, 0x7F), (0xD6, 0x27, 0x28), (0xFF, 0xD7, 0x00)
 
 
 def pixels_of(image: np.ndarray, color) -> int:
@@ -103,3 +103,29 @@ def test_plot_curves_writes_a_png(tmp_path):
     assert pixels_of(empty, BLUE) == 0
     with pytest.raises(ValueError, match="at least one metric"):
         plot_curves(histories, tmp_path / "none.png", [])
+
+
+def test_plots_star_the_registered_trial(tmp_path):
+    rows = [{"trial_id": "s_00000", "clip_t": 0.30, "clip_i": 0.70, "alignment": "palp"},
+            {"trial_id": "s_00001", "clip_t": 0.28, "clip_i": 0.75, "alignment": "none"}]
+    starred = assert_png(plot_pareto(rows, tmp_path / "starred.png", "cat / sketch", registered="s_00001"))
+    plain = assert_png(plot_pareto(rows, tmp_path / "plain.png", "cat / sketch"))
+    assert pixels_of(starred, GOLD) > 100 and pixels_of(plain, GOLD) == 0
+    histories = {"00000 palp": [{"step": 4, "clip_t": 0.3}, {"step": 8, "clip_t": 0.32}], "00001 baseline": []}
+    curves = assert_png(plot_curves(histories, tmp_path / "c.png", ["clip_t"], "cat / sketch", registered="00000 palp"))
+    assert pixels_of(curves, GOLD) > 50
+    assert pixels_of(assert_png(plot_curves(histories, tmp_path / "c0.png", ["clip_t"])), GOLD) == 0
+
+
+def test_padded_limits_never_collapse_and_keep_every_point_inside():
+    lo, hi = padded_limits([0.3084001, 0.3084012, 0.3084005])  # the "1e-6+3.084e-1" axis of issue 14
+    assert hi - lo >= 0.02 and lo < 0.3084001 and hi > 0.3084012
+    assert abs((lo + hi) / 2 - 0.30840065) < 1e-6  # centred on the points
+    lo, hi = padded_limits([0.2, 0.8])
+    assert lo == pytest.approx(0.2 - 0.08 * 0.6) and hi == pytest.approx(0.8 + 0.08 * 0.6)
+    assert padded_limits([NAN, 0.5]) == padded_limits([0.5]) and padded_limits([]) == (0.0, 1.0)
+
+
+def test_point_label_is_the_short_id_and_the_arm():
+    assert point_label({"trial_id": "abc_00003", "alignment": "none", "hparams": {"rank": 8}}) == "00003 baseline r8"
+    assert point_label({"trial_id": "abc_00003", "alignment": "palp", "label": "palp r4"}) == "00003 palp r4"

@@ -30,12 +30,12 @@ def test_a_retried_trial_finds_its_child_run(tmp_path):
     experiment = client.create_experiment("x")
     parent = client.create_run(experiment).info.run_id
     tracking = Tracking(uri, experiment, parent, (("base_model", "tiny"),))
-    first = tracking.child_run("cat__a-sketch", "abc_00000", {"alpha": 7.5})
-    again = tracking.child_run("cat__a-sketch", "abc_00000", {"alpha": 7.5})  # the retry
-    other = tracking.child_run("cat__a-sketch", "abc_00001", {"alpha": 15})
+    first = tracking.child_run("cat__a-sketch", "abc_00000", {"alpha": 7.5}, "palp α7.5")
+    again = tracking.child_run("cat__a-sketch", "abc_00000", {"alpha": 7.5}, "palp α7.5")  # the retry
+    other = tracking.child_run("cat__a-sketch", "abc_00001", {"alpha": 15}, "palp α15")
     assert first == again != other
     run = client.get_run(first)
-    assert run.info.run_name == "cat__a-sketch/abc_00000" and run.data.tags["mlflow.parentRunId"] == parent
+    assert run.info.run_name == "00000 · palp α7.5 · cat/a-sketch" and run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.params == {"alpha": "7.5", "base_model": "tiny", "pair": "cat__a-sketch"}
     assert len(client.search_runs([experiment])) == 3
 
