@@ -42,3 +42,19 @@ def md_escape(text) -> str:
     """`text` shown literally in markdown: '[V1] (cat)' stays '[V1] (cat)', not a link; '*' and '_' stay,
     not emphasis. Only inline syntax is escaped: escaped text never starts a line here."""
     return _MARKDOWN.sub(r"\\\1", str(text))
+
+
+def md_plain(text: str) -> str:
+    """A description written in markdown (md_escape'd text, emphasis, links, images, tables) as plain text for a
+    terminal: `models show`."""
+    lines = []
+    for line in text.splitlines():
+        if re.fullmatch(r"\|?(\s*:?-+:?\s*\|)+\s*:?-*:?\s*", line):  # a table's |---|---| rule
+            continue
+        line = re.sub(r"!\[([^\]]*)\]\([^)]*\)", r"(image: \1, in the MLflow UI)", line)
+        line = re.sub(r"(?<!\\)\[((?:[^\]\\]|\\.)*)\]\([^)]*\)", r"\1", line)  # [text](link) -> text
+        line = re.sub(r"(?<!\\)(\*\*|`)", "", line)
+        if line.startswith("|") and line.endswith("|"):
+            line = "  ".join(cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1])
+        lines.append(re.sub(r"\\(.)", r"\1", line))
+    return "\n".join(lines)

@@ -3,6 +3,7 @@
 MLflow is imported once the command line is good (about two seconds): `--help` and usage errors skip it.
 """
 
+import argparse
 import os
 import shutil
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from .cli import OneLineParser, UsageError, output_folder
+from .labels import md_plain
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _NAME_THE_STORE = ("run a sweep here first, or name the store the sweep used: --tracking-uri URI, or "
@@ -86,7 +88,7 @@ def list_models(client) -> None:
 
 
 # what a person compares versions by, in this order; then the description, then every other tag
-KEY_TAGS = ("pair", "best_method", "alpha", "beta", "rank", "steps", "base_model")
+KEY_TAGS = ("best_method", "alignment", "alpha", "beta", "rank", "steps", "base_model")  # model_card.version_tags
 
 
 def show_model(client, name: str) -> None:
@@ -94,7 +96,7 @@ def show_model(client, name: str) -> None:
     model = client.get_registered_model(name)
     pointers = [f"{alias} -> v{version}" for alias, version in sorted((model.aliases or {}).items())]
     print(f"{model.name}\naliases: {', '.join(pointers) or 'none'}")
-    for line in (model.description or "").strip().splitlines():
+    for line in md_plain(model.description or "").strip().splitlines():
         print(f"  {line}")
     aliases = _aliases(model)
     for v in _versions(client, name):
@@ -108,7 +110,7 @@ def show_model(client, name: str) -> None:
         print(f"  {'scores':<{width}}  {_scores(tags) or '-'}")
         for k, val in key:
             print(f"  {k:<{width}}  {val}")
-        description = (v.description or "").strip().splitlines()
+        description = md_plain(v.description or "").strip().splitlines()
         for section in (description, [f"{k:<{width}}  {val}" for k, val in rest]):
             if section:
                 print("\n" + "\n".join(f"  {line}" for line in section))
@@ -146,12 +148,15 @@ def pull(client, ref: str, directory: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="palp-sweep models", description=__doc__.splitlines()[0])
-    parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    store = "default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here"
+    parser.add_argument("--tracking-uri", help=store)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="registered models, versions, aliases and scores")
+    listing = sub.add_parser("list", help="registered models, versions, aliases and scores")
     show = sub.add_parser("show", help="one model's aliases and versions: scores, key tags, prompts, other tags")
     show.add_argument("name")
     get = sub.add_parser("pull", help="write a version's adapter files to DIR")
+    for command in (listing, show, get):  # before or after the command: `models show NAME --tracking-uri URI`
+        command.add_argument("--tracking-uri", default=argparse.SUPPRESS, help=store)
     get.add_argument("ref", help="NAME, NAME@alias or NAME/version (NAME alone: NAME@champion)")
     get.add_argument("directory", help="new or empty folder")
     get.add_argument("--force", action="store_true", help="write into a non-empty folder, over files of the same names")

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from orchestrator import model_card, overview
-from orchestrator.labels import md_escape, run_name, short_id, trial_label
+from orchestrator.labels import md_escape, md_plain, run_name, short_id, trial_label
 from orchestrator.recipe import Prompt, Subject
 from orchestrator.recipe_yaml import load_recipe
 from orchestrator.tracking import VIEW_TAG, Tracking, browse_lines, runs_view, source_tags
@@ -199,3 +199,16 @@ def test_curves_plot_the_milestones_the_run_holds():
     assert milestone_history(df, (4, 8), ("composite", "clip_t")) == [
         {"step": 4.0, "composite": 0.4, "clip_t": 0.3}, {"step": 8.0, "composite": 0.5, "clip_t": 0.35}]
     assert milestone_history(None, (4, 8), ("composite",)) == []
+
+
+@pytest.mark.parametrize("text", ["A sketch of [V1] (cat)", "a *b* _c_ `d` | e # f", r"back\slash [V2]"])
+def test_md_plain_undoes_md_escape(text):
+    assert md_plain(md_escape(text)) == text
+
+
+def test_md_plain_reads_a_model_card_as_text():
+    card = ("**PALP adapter**: cat as \\[V1\\]\n\n| method | score \\(clip\\) |\n|---|---|\n| **cfg** | 0.5 |\n\n"
+            "![samples with cfg](get-artifact?path=x.png)\n- source run: [00001 · palp](#/experiments/1/runs/abc)")
+    assert md_plain(card).splitlines() == [
+        "PALP adapter: cat as [V1]", "", "method  score (clip)", "cfg  0.5", "",
+        "(image: samples with cfg, in the MLflow UI)", "- source run: 00001 · palp"]

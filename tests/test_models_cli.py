@@ -12,6 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from orchestrator.cli import main
+from orchestrator.labels import md_plain
 from orchestrator.recipe_yaml import load_recipe
 from orchestrator.registry import register_best
 from orchestrator.tracking import start_sweep
@@ -40,10 +41,10 @@ def store(tmp_path_factory):
     client = MlflowClient(uri)
     for trial, composite in (("t1", 0.5), ("t2", 0.7)):
         hparams = {"alpha": 7.5, "alignment": "palp"}
-        run_id = tracking.child_run(PAIR, trial, hparams)
+        run_id = tracking.child_run(PAIR, trial, hparams, "palp α7.5")
         client.log_artifacts(run_id, str(adapter), "adapter")
-        best = {"trial_id": trial, "hparams": hparams, "clip_t": 0.25, "clip_i": 0.75, "composite": composite,
-                "best_method": "pg-0.6"}
+        best = {"trial_id": trial, "hparams": hparams, "alignment": "palp", "step": 2, "clip_t": 0.25, "clip_i": 0.75,
+                "composite": composite, "best_method": "pg-0.6"}  # a summary row's keys (sweep.summarize)
         version = register_best(tracking, recipe, PAIR, best)["version"]
         # a dangling link beside the pyfunc's code: a pull that downloads more than the adapter folder fails on it
         model = Path(urlparse(client.get_model_version_download_uri(MODEL, version)).path)
@@ -71,15 +72,20 @@ def test_show_is_readable(store, capsys):
     # scores first, then the key tags in their order, then the description, then the other tags
     assert version[0].split() == ["scores", "clip_i=0.7500", "clip_t=0.2500", "composite=0.7000"]
     keys = [line.split()[0] for line in version[1:8]]
-    assert keys == ["pair", "best_method", "alpha", "beta", "rank", "steps", "base_model"]
-    assert version[1].split() == ["pair", PAIR] and version[2].split() == ["best_method", "pg-0.6"]
+    assert keys == ["best_method", "alignment", "alpha", "beta", "rank", "steps", "base_model"]
+    assert version[1].split() == ["best_method", "pg-0.6"] and version[2].split() == ["alignment", "palp"]
     assert version[7].split() == ["base_model", "tiny"]
-    description = version[9:version.index("", 9)]  # as the registry holds it, line by line
-    assert description == MlflowClient(store["uri"]).get_model_version(MODEL, "2").description.strip().splitlines()
-    assert "target prompt: A sketch of [V1]" in description
-    rest = version[version.index("", 9) + 1:]
-    assert ["alignment", "palp"] in [line.split() for line in rest]
-    assert not any(line.startswith(("metric.", "pair ", "source_run")) for line in rest)
+    held = MlflowClient(store["uri"]).get_model_version(MODEL, "2").description
+    expected = [line.strip() for line in md_plain(held).strip().splitlines()]  # the registry's markdown, as text
+    description = version[9:9 + len(expected)]
+    assert description == expected and version[9 + len(expected)] == ""
+    assert "- target prompt: A sketch of [V1]" in description and "\\[V1\\]" in held
+    assert not any("**" in line or "](" in line for line in description)
+    rest = version[9 + len(expected) + 1:]
+    assert ["recipe", "smoke"] in [line.split() for line in rest]
+    assert not any(line.startswith(("metric.", "alignment ", "source_run")) for line in rest)
+    # the store named after the command, as people type it, reads the same
+    assert run_main(["models", "show", MODEL, "--tracking-uri", store["uri"]], capsys)[1] == out
 
 
 def test_pull_writes_only_the_adapter_folder(store, tmp_path, capsys):
