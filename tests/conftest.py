@@ -41,6 +41,20 @@ def tiny_config(images, output_dir, **overrides) -> TrainConfig:
     return TrainConfig(**{**fields, **overrides})
 
 
+def trained_looking(config: TrainConfig):
+    """The trainer's modules for `config` (loop.build) with large random LoRA and placeholder rows: an adapter
+    that changes the samples, in no time (gaussian init leaves lora_B = 0). Returns (base, embedding)."""
+    from palp_trainer.loop import build
+
+    torch.manual_seed(0)
+    base, embedding, lora = build(config, torch.device("cpu"))
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(std=0.3)
+        embedding.rows.normal_(std=1.0)
+    return base, embedding
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

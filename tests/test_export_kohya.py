@@ -31,10 +31,10 @@ from safetensors.torch import load_file, save_file
 from palp_trainer.config import SubjectSpec
 from palp_trainer.export import export_adapter, load_into_pipeline, read_manifest
 from palp_trainer.export_kohya import kohya_state_dict, lora_name, trigger_words
-from palp_trainer.loop import build, manifest
+from palp_trainer.loop import manifest
 from palp_trainer.models import add_lora
 from palp_trainer.tiny import build_tiny, save_tiny
-from tests.conftest import tiny_config, write_images
+from tests.conftest import tiny_config, trained_looking, write_images
 
 RANK, LORA_ALPHA = 4, 8.0  # scale 2: a loader that ignored .alpha (scale 1) would draw other images
 TOLERANCE = 1e-5  # max abs difference of float images in [0, 1]
@@ -110,12 +110,7 @@ def exported(tmp_path_factory):
     config = tiny_config((), root / "run", subjects=subjects, base_model=str(base_dir), rank=RANK,
                          lora_alpha=LORA_ALPHA, target_prompt="A sketch of [V1] and [V2]",
                          clean_prompt="A sketch of cat and mug")
-    torch.manual_seed(0)
-    base, embedding, lora = build(config, torch.device("cpu"))
-    with torch.no_grad():  # a trained-looking adapter in no time: lora_B starts at 0
-        for p in lora:
-            p.normal_(std=0.3)
-        embedding.rows.normal_(std=1.0)
+    base, embedding = trained_looking(config)
     adapter = export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2))
     return adapter, base_dir, base.unet
 
