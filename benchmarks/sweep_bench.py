@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PHASES = ("worker_start", "base", "data", "task", "scorer", "tracking", "first_step", "checkpoint", "decision",
+PHASES = ("launch", "imports", "base", "data", "task", "scorer", "tracking", "first_step", "checkpoint", "decision",
           "export")
 
 
@@ -37,8 +37,12 @@ def bench_overrides(trials: int, steps: int, concurrent: int) -> list[str]:
 def trial_times(metrics: dict) -> dict:
     """One trial's split, in seconds, from its run's `time/*` metrics."""
     wall = metrics["time/loop_end_unix"] - metrics["time/trial_start_unix"]
-    split = {"worker_start": metrics["time/loop_entry_unix"] - metrics["time/trial_start_unix"],
-             **{p: metrics.get(f"time/{p}_s", 0.0) for p in PHASES[1:]}}
+    # trial start -> the worker's process start: the Train controller, placement, process launch; then imports
+    # and Ray Train's set-up up to train_loop (all "imports" when the process start is unknown)
+    process = metrics.get("time/process_start_unix", metrics["time/trial_start_unix"])
+    split = {"launch": process - metrics["time/trial_start_unix"],
+             "imports": metrics["time/loop_entry_unix"] - process,
+             **{p: metrics.get(f"time/{p}_s", 0.0) for p in PHASES[2:]}}
     steps, evaluation = metrics.get("time/steps_s", 0.0), metrics.get("time/eval_s", 0.0)
     split["other"] = wall - steps - evaluation - sum(split.values())
     return {"wall": wall, "steps": steps, "eval": evaluation, "overhead": wall - steps - evaluation, **split}

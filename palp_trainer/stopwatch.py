@@ -1,5 +1,6 @@
 """Seconds per phase of a trial: where its wall time goes besides the training steps (benchmarks/sweep_bench.py)."""
 
+import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -23,5 +24,18 @@ class Stopwatch:
             self.seconds[phase] += time.perf_counter() - start
 
     def metrics(self) -> dict[str, float]:
+        started = process_started()
         return {**{f"time/{phase}_s": s for phase, s in self.seconds.items()},
+                **({"time/process_start_unix": started} if started else {}),
                 "time/loop_entry_unix": self.entered, "time/loop_end_unix": time.time()}
+
+
+def process_started() -> float | None:
+    """When this process was started (seconds since the epoch; Linux's /proc, else None): a worker's process
+    start to its loop entry is imports and Ray Train's set-up; before it, scheduling and process launch."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()  # after the command name
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
