@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrent", type=int, default=1, help="trials at a time")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    json_path = args.json.resolve() if args.json else None  # the sweep runs in a temporary folder
 
     from mlflow import MlflowClient
 
@@ -91,8 +92,8 @@ def main(argv=None) -> int:
     print("per trial, median seconds:")
     for key, value in result["per_trial_median_s"].items():
         print(f"  {key:<13} {value:8.2f}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
     return 0
 
 
