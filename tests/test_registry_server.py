@@ -116,7 +116,7 @@ def test_models_list_and_show_from_an_empty_folder(registry):
     lines = shown.stdout.splitlines()
     assert lines[:2] == [MODEL, "aliases: champion -> v1"]
     assert f"v1 @champion  source run {version.run_id}" in lines
-    assert f"  target prompt: {PROMPT}" in lines and ["base_model", "tiny"] in [line.split() for line in lines]
+    assert f"  - target prompt: {PROMPT}" in lines and ["base_model", "tiny"] in [line.split() for line in lines]
     assert list(client.iterdir()) == []  # read-only: no mlflow.db, no mlruns
 
 
@@ -128,7 +128,7 @@ def test_pull_writes_the_adapter_the_run_logged(registry):
     _, prefix, keys = champion(registry)
     logged = {k.removeprefix(prefix): s3.client().get_object(Bucket=s3.bucket, Key=k)["Body"].read() for k in keys}
     folder = client / "adapter"
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == logged
+    assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == logged
     manifest = read_manifest(folder)
     assert (manifest["base_model"], manifest["steps"], manifest["tokens"]) == ("tiny", 8, ["[V1]"])
     assert manifest["target_prompt"] == PROMPT
