@@ -1,5 +1,7 @@
 """Shared fixtures: small subject images made in code, and trainer configs on the tiny model."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,18 @@ def tiny_config(images, output_dir, **overrides) -> TrainConfig:
         resolution=32, batch_size=2, rank=4, steps=2, progress=False,
     )
     return TrainConfig(**{**fields, **overrides})
+
+
+def untrained_adapter(root) -> Path:
+    """The tiny base's adapter of one subject (cat, [V1], 2 photos) exported as at step 2, untrained (lora_B = 0),
+    in root/adapter."""
+    from palp_trainer.export import export_adapter
+    from palp_trainer.loop import build, manifest
+
+    config = tiny_config(write_images(root / "cat", 2, seed=0), root / "run")
+    torch.manual_seed(0)
+    base, embedding, _ = build(config, torch.device("cpu"))
+    return export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2))
 
 
 def trained_looking(config: TrainConfig):

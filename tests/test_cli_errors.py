@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from orchestrator.cli import main
-from tests.conftest import tiny_config, write_bad_image, write_images
+from tests.conftest import untrained_adapter, write_bad_image, write_images
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -323,13 +323,7 @@ def test_module_entry_point_has_no_traceback(tmp_path):
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    from palp_trainer.export import export_adapter
-    from palp_trainer.loop import build, manifest
-    root = tmp_path_factory.mktemp("adapter")
-    config = tiny_config(write_images(root / "cat", 2, seed=0), root / "run")
-    torch.manual_seed(0)
-    base, embedding, _ = build(config, torch.device("cpu"))
-    return export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2))
+    return untrained_adapter(tmp_path_factory.mktemp("adapter"))
 
 
 def _edit_manifest(**changes):

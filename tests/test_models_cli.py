@@ -8,7 +8,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-import torch
 from mlflow import MlflowClient
 
 from orchestrator.cli import main
@@ -16,9 +15,7 @@ from orchestrator.labels import md_plain
 from orchestrator.recipe_yaml import load_recipe
 from orchestrator.registry import register_best
 from orchestrator.tracking import start_sweep
-from palp_trainer.export import export_adapter
-from palp_trainer.loop import build, manifest
-from tests.conftest import tiny_config, write_images
+from tests.conftest import untrained_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "recipes" / "smoke.yaml"
@@ -31,10 +28,7 @@ ADAPTER_FILES = {"manifest.json", "pytorch_lora_weights.safetensors", "learned_e
 def store(tmp_path_factory):
     """sqlite store with MODEL v1 (composite 0.5) and v2 (0.7, so the champion), each from its own child run."""
     root = tmp_path_factory.mktemp("store")
-    config = tiny_config(write_images(root / "cat", 2, seed=0), root / "run")
-    torch.manual_seed(0)
-    base, embedding, _ = build(config, torch.device("cpu"))
-    adapter = export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2))
+    adapter = untrained_adapter(root)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     recipe = load_recipe(str(SMOKE), [f"storage_path={root / 'runs'}"])
     tracking = start_sweep(uri, recipe, str(SMOKE), str(root / "runs"))
