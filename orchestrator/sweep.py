@@ -20,7 +20,7 @@ from ray.experimental import internal_kv
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from palp_trainer import storage as store
-from palp_trainer.config import SMALL_BASES, parse_methods
+from palp_trainer.config import SMALL_BASES
 from palp_trainer.loop import DECISIONS, decision_key
 from palp_trainer.storage import is_remote, join
 
@@ -200,7 +200,7 @@ def summarize(recipe: Recipe, results, report_dir: Path, report_uri: str | None 
     keys = score_keys(recipe)
     text, subject = recipe.eval.metric_names
     last_step = max(recipe.search.steps)
-    methods = [label for label, _, _ in parse_methods(recipe.eval.methods)] if recipe.eval.methods else []
+    methods = recipe.eval.methods  # labels already: EvalConfig parses the recipe's list
     pairs: dict[str, list] = {p: [] for p in recipe.pair_ids()}
     for result in results:
         m = result.metrics or {}
