@@ -77,6 +77,8 @@ class PlaceholderEmbedding(nn.Module):
         self.first_id = first_id
         self.tokens = tokens  # row i is tokens[i]
         self.rows = nn.Parameter(init.clone().float())  # [n_placeholders, d], fp32 master
+        # a trial group's member rows, [K·n_placeholders, d], stand in for `rows` while set (group.GroupModel)
+        self.override: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -88,7 +90,8 @@ class PlaceholderEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_placeholder = input_ids >= self.first_id
         out = self.base(input_ids.clamp(max=self.first_id - 1))
-        picked = self.rows.to(out.dtype)[(input_ids - self.first_id).clamp(min=0)]
+        rows = self.rows if self.override is None else self.override
+        picked = rows.to(out.dtype)[(input_ids - self.first_id).clamp(min=0)]
         return torch.where(is_placeholder[..., None], picked, out)
 
 

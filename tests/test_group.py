@@ -1,0 +1,134 @@
+"""Trial groups: a member trains exactly as its trial alone (palp_trainer/group.py)."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from palp_trainer.data import SubjectLatents
+from palp_trainer.group import GroupModel, GroupTask, group_key, group_step, make_group_optimizer, member_configs
+from palp_trainer.loop import build, make_optimizer, train_step
+from palp_trainer.task import FastPaths, PalpModel, PalpTask
+from tests.conftest import tiny_config
+
+CPU = torch.device("cpu")
+# α, β, λ, lr, embedding lr: every knob a member may have of its own, each member different
+KNOBS = [dict(alpha=7.5, beta=1.0, align_weight=1.0, lr=1e-3, embedding_lr=5e-3),
+         dict(alpha=3.0, beta=2.0, align_weight=0.5, lr=3e-3, embedding_lr=1e-3),
+         dict(alpha=12.0, beta=0.5, align_weight=2.0, lr=5e-4, embedding_lr=2e-2)]
+STEPS = 3
+
+
+def same_weights(weights, solo, config) -> None:
+    """After STEPS AdamW steps: within 1% of the most AdamW can move a weight in them (lr per step). Adam divides
+    by √v, so a near-zero gradient's last bits (summed in another order) move its update most; a member given
+    another's lr, rows or gradient is off by its whole update."""
+    for i, (w, s) in enumerate(zip(weights, solo)):
+        lr = config.embedding_lr if i == len(weights) - 1 else config.lr
+        assert (w - s).abs().max() <= 0.01 * lr * STEPS, (i, (w - s).abs().max(), lr)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    """Equal up to `rel` of b's largest magnitude (fp32 sums in another order; a wrong row or knob is off by O(1))."""
+    assert a.shape == b.shape
+    assert (a - b).abs().max() <= rel * b.abs().max() + 1e-12, ((a - b).abs().max(), b.abs().max())
+
+
+def alone(config):
+    """`config` trained alone for STEPS steps with loop.train_step: per-step losses, first-step grads, weights."""
+    torch.manual_seed(config.seed)
+    base, embedding, lora = build(config, CPU)
+    data = SubjectLatents(base.vae, [s.images for s in config.subjects], 32, config.flip, False, CPU, torch.float32)
+    task = PalpTask(config, base, PalpModel(base.unet, base.text_encoder), embedding.first_id, CPU, torch.float32,
+                    FastPaths())
+    optimizer = make_optimizer(config, lora, embedding)
+    grads, original = [], optimizer.step
+    optimizer.step = lambda: (grads or grads.extend(p.grad.clone() for p in [*lora, embedding.rows]), original())[1]
+    generator = torch.Generator().manual_seed(config.seed)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    logs = [train_step(task, data, optimizer, scaler, generator, config.batch_size, step=s) for s in range(STEPS)]
+    return logs, grads, [p.detach().clone() for p in [*lora, embedding.rows]]
+
+
+def grouped(configs, drop_after: dict[int, int] | None = None):
+    """The same trials as one group; drop_after {member: step}: the member stops after that step."""
+    configs = member_configs(configs)
+    config = configs[0]
+    torch.manual_seed(config.seed)
+    base, embedding, lora = build(config, CPU)
+    for p in [*lora, embedding.rows]:
+        p.requires_grad_(False)
+    data = SubjectLatents(base.vae, [s.images for s in config.subjects], 32, config.flip, False, CPU, torch.float32)
+    model = GroupModel(base, embedding, len(configs))
+    task = GroupTask(configs, base, model, embedding.first_id, CPU, torch.float32)
+    optimizer = make_group_optimizer(configs, model.members)
+    grads, original = [], optimizer.step
+    params = [[*model.members.params_of(m)[0], model.members.params_of(m)[1]] for m in range(len(configs))]
+    optimizer.step = lambda: (grads or grads.extend([p.grad.clone() for p in ps] for ps in params), original())[1]
+    generator = torch.Generator().manual_seed(config.seed)
+    logs = {m: [] for m in range(len(configs))}
+    for s in range(STEPS):
+        if not task.active:
+            break
+        for m, log in group_step(task, data, optimizer, generator, config.batch_size, step=s).items():
+            logs[m].append(log)
+        task.active = [m for m in task.active if (drop_after or {}).get(m, STEPS) > s + 1]
+    weights = [[p.detach().clone() for p in ps] for ps in params]
+    return logs, grads, weights, model
+
+
+@pytest.mark.parametrize("alignment", ["palp", "none", "nfsd"])
+def test_members_train_as_their_trials_alone(subject_images, tmp_path, alignment):
+    """Per member and step, the losses; the first step's gradients; the weights after 3 AdamW steps: equal to the
+    trial alone within fp32 reduction order (1e-5 for losses, 1e-4 for gradients, of the largest value; weights:
+    see same_weights): the group's batched UNet calls and bmm LoRA add in another order. Members differ in
+    α, β, λ, lr and embedding lr, so a member reading another's knob, rows or LoRA fails it."""
+    configs = [tiny_config(subject_images, tmp_path / str(i), alignment=alignment, steps=STEPS, **k)
+               for i, k in enumerate(KNOBS)]
+    logs, grads, weights, _ = grouped(configs)
+    for m, config in enumerate(configs):
+        solo_logs, solo_grads, solo_weights = alone(config)
+        assert [sorted(log) for log in logs[m]] == [sorted(log) for log in solo_logs]
+        for group_log, solo_log in zip(logs[m], solo_logs):
+            for name in solo_log:
+                assert group_log[name] == pytest.approx(solo_log[name], rel=1e-5, abs=1e-8), (m, name)
+        for g, s in zip(grads[m], solo_grads):
+            close(g, s, rel=1e-4)
+        same_weights(weights[m], solo_weights, config)
+    moved = [(w - weights[0][i]).abs().max() for i, w in enumerate(weights[1])]
+    assert max(moved) > 1e-4  # the members did train apart (a shared update would also pass the above for m=0)
+
+
+def test_a_stopped_member_stops_alone(subject_images, tmp_path):
+    """Member 1 leaves after step 1: its weights stay where step 1 left them; the others go on unchanged."""
+    configs = [tiny_config(subject_images, tmp_path / str(i), steps=STEPS, **k) for i, k in enumerate(KNOBS)]
+    logs, _, weights, _ = grouped(configs, drop_after={1: 1})
+    assert [len(logs[m]) for m in range(3)] == [STEPS, 1, STEPS]
+    _, _, after_one, _ = grouped(configs[1:2], drop_after={0: 1})
+    same_weights(weights[1], after_one[0], configs[1])
+    for m in (0, 2):
+        _, _, solo_weights = alone(configs[m])
+        same_weights(weights[m], solo_weights, configs[m])
+
+
+def test_load_member_puts_its_weights_where_evaluation_and_export_read(subject_images, tmp_path):
+    configs = [tiny_config(subject_images, tmp_path / str(i), steps=STEPS, **k) for i, k in enumerate(KNOBS[:2])]
+    _, _, weights, model = grouped(configs)
+    for m in (1, 0):
+        model.load_member(m)
+        peft = [layer.lora_A["default"].weight for layer in model.layers] + \
+               [layer.lora_B["default"].weight for layer in model.layers]
+        peft = [p for ab in zip(peft[:len(model.layers)], peft[len(model.layers):]) for p in ab]
+        torch.testing.assert_close(torch.cat([p.flatten() for p in peft]),
+                                   torch.cat([w.flatten() for w in weights[m][:-1]]))
+        torch.testing.assert_close(model.embedding.rows, weights[m][-1])
+
+
+def test_groups_hold_only_members_that_differ_in_group_knobs(subject_images, tmp_path):
+    a = tiny_config(subject_images, tmp_path / "a")
+    assert group_key(a) == group_key(replace(a, alpha=3.0, lr=1e-3, output_dir="elsewhere", mlflow_run_id="r"))
+    assert group_key(a) != group_key(replace(a, rank=8))
+    with pytest.raises(ValueError, match="may differ only in"):
+        member_configs([a, replace(a, rank=8)])
+    with pytest.raises(ValueError, match="fp16"):
+        member_configs([replace(a, precision="fp16")])
