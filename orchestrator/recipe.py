@@ -210,6 +210,9 @@ class Resources:
     max_failures: int = 2
     checkpoints_to_keep: int | None = 2  # per trial; None keeps all
     placement: str = "pack"  # one of PLACEMENTS
+    # up to this many trials of one pair that differ only in α, β, λ, lr or embedding_lr train in one worker group
+    # and one step, each still its own Tune trial and MLflow run (palp_trainer/group.py; benchmarks/RESULTS.md)
+    trials_per_group: int = 1
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
@@ -226,6 +229,8 @@ class Resources:
             raise RecipeError(f"gpus_per_worker: must be > 0 with use_gpu, got {self.gpus_per_worker}")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise RecipeError(f"max_concurrent_trials: must be >= 1 (or null), got {self.max_concurrent_trials}")
+        if self.trials_per_group < 1:
+            raise RecipeError(f"trials_per_group: must be >= 1, got {self.trials_per_group}")
         if self.max_failures < 0:
             raise RecipeError(f"max_failures: must be >= 0, got {self.max_failures}")
         if self.checkpoints_to_keep is not None and self.checkpoints_to_keep < 1:
@@ -377,6 +382,9 @@ class Recipe:
             if s.token not in used:
                 raise RecipeError(f"subjects[{i}].token: {s.token} appears in no prompt target; "
                                   "use it in a prompt or remove the subject")
+        if self.resources.trials_per_group > 1 and self.precision == "fp16":
+            raise RecipeError("resources.trials_per_group: a group's members would share fp16's loss scale (one "
+                              "member's overflow skips every member's step); use precision bf16 or fp32")
         if self.eval.cuda_graphs and not self.resources.use_gpu:
             raise RecipeError("eval.cuda_graphs: needs GPU workers; set resources.use_gpu: true or drop it")
         scores = self.eval.score_names

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 from ray import tune
 
-from palp_trainer.config import SubjectSpec, TrainConfig
+from palp_trainer.config import GROUP_KNOBS, SubjectSpec, TrainConfig
 
 from .recipe import Dim, Recipe, RecipeError
 
@@ -42,7 +42,10 @@ def grid_points(recipe: Recipe) -> list[dict]:
 def param_space(recipe: Recipe) -> dict:
     """Tune's space: a grid over the (subject set, prompt) pairs, one over `grid_points` (a dict per point, under
     "point"), and the sampled or fixed knobs."""
-    return {"pair": tune.grid_search(recipe.pair_ids()), "point": tune.grid_search(grid_points(recipe)),
+    points = grid_points(recipe)
+    if recipe.resources.trials_per_group > 1:  # points that can share a trial group next to each other
+        points.sort(key=lambda p: repr(sorted((k, v) for k, v in p.items() if k not in GROUP_KNOBS)))
+    return {"pair": tune.grid_search(recipe.pair_ids()), "point": tune.grid_search(points),
             **{knob: _domain(dim) for knob, dim in recipe.search.dims.items() if dim.kind != "grid"}}
 
 

@@ -34,6 +34,7 @@ from .search_space import hparams_of, param_space
 from .selection import pareto_front, plot_curves, plot_pareto, point_label
 from .tracking import (STOPPED_TAG, Tracking, browse_lines, close_open_children, end_run, fail_run, mask, preflight,
                        reason, resolve_tracking_uri, start_sweep)
+from .groups import run_member, start_coordinator
 from .trial import run_trial, scheduler_key, trial_output_uri
 
 INTERRUPTED = 130  # the shell's code for a Ctrl-C'd command
@@ -139,8 +140,10 @@ def max_concurrent(recipe: Recipe) -> int | None:
         return None  # an existing (possibly autoscaling) cluster: queued worker groups make it grow
     have = ray.cluster_resources()
     need = trial_resources(recipe)
-    fits = [math.floor(have.get(k, 0) / v) for k, v in need.items() if v]
-    return max(1, min(fits))
+    fits = max(1, min(math.floor(have.get(k, 0) / v) for k, v in need.items() if v))
+    group = recipe.resources.trials_per_group
+    # a group's members wait in their (resource-free) trials until it forms: room for a full group per pair
+    return fits if group == 1 else fits * group * len(recipe.pair_ids())
 
 
 class PublishingASHA(ASHAScheduler):
@@ -171,8 +174,9 @@ def scheduler(recipe: Recipe):
 
 
 def build_tuner(recipe: Recipe, storage: str, resume: bool, tracking: Tracking) -> tune.Tuner:
+    grouped = recipe.resources.trials_per_group > 1
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, recipe=recipe, storage_path=storage, tracking=tracking),
+        tune.with_parameters(run_member if grouped else run_trial, recipe=recipe, storage_path=storage, tracking=tracking),
         {k.lower(): v for k, v in TRIAL_ACTOR.items()})  # on the head; it only waits on its TorchTrainer
     experiment = os.path.join(storage, recipe.name)
     # a checkpoint reported before a trial's first evaluation carries no score yet (train_loop); the scheduler
@@ -336,7 +340,13 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)  # `ray job stop`, a batch scheduler: like a second Ctrl-C
     try:
-        results = build_tuner(recipe, storage, resume, tracking).fit()  # Ctrl-C: Tune stops and saves state
+        # trial groups: the coordinator that forms them and runs their TorchTrainers (orchestrator/groups.py)
+        coordinator = start_coordinator(recipe, storage) if recipe.resources.trials_per_group > 1 else None
+        try:
+            results = build_tuner(recipe, storage, resume, tracking).fit()  # Ctrl-C: Tune stops and saves state
+        finally:
+            if coordinator is not None:
+                ray.kill(coordinator)  # and with it the groups it runs
         report_uri = join(storage, recipe.name, "report")
         report_dir = Path(tempfile.mkdtemp(prefix="palp-report-")) if is_remote(storage) else Path(report_uri)
         summary, failed = summarize(recipe, results, report_dir, report_uri, storage)

@@ -11,6 +11,7 @@ from ray.train.torch import TorchTrainer
 from mlflow import MlflowClient
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from palp_trainer.config import TrainConfig
 from palp_trainer.storage import is_remote, join
 
 from .labels import trial_label
@@ -59,8 +60,8 @@ def trial_output_dir(storage_path: str, recipe: Recipe, pair: str, trial_id: str
     return str(Path("palp-sweep") / recipe.name / "trials" / pair / trial_id)
 
 
-def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Tracking) -> None:
-    """Tune function trainable. Metrics reach Tune through TuneReportCallback at every milestone."""
+def start_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Tracking) -> tuple[str, TrainConfig, str]:
+    """In a Tune trial: (its id, its TrainConfig, its MLflow child run, created here)."""
     started = time.time()  # the trial's wall time, to the loop's time/loop_end_unix (benchmarks/sweep_bench.py)
     trial_id = ray.tune.get_context().get_trial_id()
     hparams = hparams_of(params)
@@ -74,6 +75,12 @@ def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Trackin
     MlflowClient(tracking.uri).log_metric(run_id, "time/trial_start_unix", started)
     config = replace(config, mlflow_uri=tracking.uri, mlflow_run_id=run_id,
                      scheduler_key=scheduler_key(recipe.name, trial_id) if recipe.scheduler.type == "asha" else None)
+    return trial_id, config, run_id
+
+
+def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Tracking) -> None:
+    """Tune function trainable. Metrics reach Tune through TuneReportCallback at every milestone."""
+    trial_id, config, run_id = start_trial(params, recipe, storage_path, tracking)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config.to_dict(),

@@ -244,3 +244,16 @@ class TrainConfig:
     def report_steps(self) -> tuple[int, ...]:
         return tuple(sorted(set(self.milestones) | {self.steps}))
 
+
+
+# what the members of a trial group may differ in: what the step reads per row, or the optimizer per param group
+GROUP_KNOBS = ("alpha", "beta", "align_weight", "lr", "embedding_lr")
+# a trial's own places and names, not training knobs
+PER_TRIAL = ("output_dir", "output_uri", "mlflow_uri", "mlflow_run_id", "scheduler_key", "resume_from")
+
+
+def group_key(config: TrainConfig) -> str:
+    """Trials with equal keys can share a trial group (palp_trainer/group.py): the config without GROUP_KNOBS and
+    the per-trial fields."""
+    d = config.to_dict()
+    return repr(sorted((k, v) for k, v in d.items() if k not in GROUP_KNOBS + PER_TRIAL))

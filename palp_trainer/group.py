@@ -18,20 +18,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from . import losses
-from .config import TrainConfig
+from .config import GROUP_KNOBS, TrainConfig, group_key
 from .models import Base
 from .task import NFSD_NEGATIVE, PalpTask, tokenize
-
-# what members of one group may differ in: everything the step reads per row, or the optimizer per param group
-GROUP_KNOBS = ("alpha", "beta", "align_weight", "lr", "embedding_lr")
-# a member's own places and names, not training knobs
-PER_TRIAL = ("output_dir", "output_uri", "mlflow_run_id", "scheduler_key", "resume_from")
-
-
-def group_key(config: TrainConfig) -> tuple:
-    """Trials with equal keys can share a group: the config without GROUP_KNOBS and the per-trial fields."""
-    d = config.to_dict()
-    return tuple(sorted((k, repr(v)) for k, v in d.items() if k not in GROUP_KNOBS + PER_TRIAL))
 
 
 class MemberWeights(nn.Module):

@@ -178,7 +178,10 @@ def test_a_lost_node_costs_at_most_one_checkpoint_interval(cloud, tmp_path):
             f"train.checkpoint_every={every}", "scheduler.type=fifo", "eval.methods=[cfg]", "eval.num_images=1",
             "--address", cloud.cluster.address]
     started = time.monotonic()
-    proc = subprocess.Popen(args, cwd=job, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # to a file, not a pipe: unread, a pipe fills (64 KiB of Ray's log lines) and the sweep blocks writing to it
+    log = tmp_path / "sweep.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(args, cwd=job, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
     try:
         def progress() -> dict[int, int]:
             """Last step in each worker node's local metrics.jsonl."""
@@ -202,12 +205,12 @@ def test_a_lost_node_costs_at_most_one_checkpoint_interval(cloud, tmp_path):
 
         first_step_s = None
         while True:  # kill when steps past a registered checkpoint would be lost, before the next one is due
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             done = progress()
             if time.monotonic() - started > 600:
                 proc.kill()
                 pytest.fail(f"no training step past a registered checkpoint in 600 s: progress {done}, "
-                            f"registered {registered()}\n{proc.communicate()[0][-4000:]}")
+                            f"registered {registered()}\n{log.read_text()[-4000:]}")
             if done and first_step_s is None:
                 first_step_s = time.monotonic() - started
             if done and 0 < (last := registered()) < max(done.values()) < last + every:
@@ -220,15 +223,15 @@ def test_a_lost_node_costs_at_most_one_checkpoint_interval(cloud, tmp_path):
             "palp-sweep/lossy/trials/*/*/metrics.jsonl"))).read_text().splitlines()[-1])["step"]
         (other,) = [i for i in cloud.workers if i != lost]
         while other not in progress():
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() - killed < 300, "the trial did not restart on the other node"
             time.sleep(0.1)
         recovery_s = time.monotonic() - killed
-        out, _ = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
-    (tmp_path / "sweep.log").write_text(out)
+    out = log.read_text()
     assert proc.returncode == 0, out[-4000:]
     resumed = [int(s) for s in re.findall(r"palp: resumed from the checkpoint at step (\d+)", out)]
     assert resumed and resumed[-1] % every == 0, out[-4000:]

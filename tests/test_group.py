@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from palp_trainer.data import SubjectLatents
-from palp_trainer.group import GroupModel, GroupTask, group_key, group_step, make_group_optimizer, member_configs
+from palp_trainer.config import group_key
+from palp_trainer.group import GroupModel, GroupTask, group_step, make_group_optimizer, member_configs
 from palp_trainer.loop import build, make_optimizer, train_step
 from palp_trainer.task import FastPaths, PalpModel, PalpTask
 from tests.conftest import tiny_config

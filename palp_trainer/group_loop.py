@@ -1,0 +1,190 @@
+"""train_group(configs): a trial group's run, top to bottom (loop.train_loop for K members at once).
+
+Each member keeps everything a trial has: its metrics.jsonl, samples and adapter in its own output folder, its
+MLflow run, its reports and the early-stopping decisions on it. The group has one Ray Train run: its checkpoints
+hold every member, so a restart restores them all.
+"""
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import storage
+from .config import TrainConfig
+from .data import SubjectLatents
+from .export import export_adapter
+from .group import GroupModel, GroupTask, group_step, make_group_optimizer, member_configs
+from .loop import (DTYPES, _evaluate, _keep_metrics_until, _ray_train, build, localized, manifest, out_of_memory,
+                   publish, scheduler_decision)
+from .stopwatch import Stopwatch
+
+STATE_FILE = "group_state.pt"
+# (member index, kind, payload): "report" a milestone's metrics; "done" the final metrics after export;
+# "error" one line, for a member that left the group on a non-finite loss
+Send = Callable[[int, str, dict | str], None]
+
+
+def _member_output(config: TrainConfig) -> Path:
+    output = Path(config.output_dir)
+    if config.output_uri and not output.is_absolute():
+        output = Path(tempfile.gettempdir()) / output  # this node's scratch, copied to output_uri by publish()
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def save_group_checkpoint(directory: Path, step: int, model: GroupModel, active: list[int], optimizer,
+                          generator: torch.Generator) -> Path:
+    """Every member's LoRA and rows, who is still training, the optimizer and the RNG states (weights_only)."""
+    torch.save({"step": step, "active": list(active), "members": model.members.state_dict(),
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state()}, directory / STATE_FILE)
+    return directory
+
+
+def load_group_checkpoint(directory: Path, model: GroupModel, optimizer, generator) -> tuple[int, list[int]]:
+    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    model.members.load_state_dict(state["members"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["active"]
+
+
+def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> dict[int, dict]:
+    """Train a group of members (group.member_configs); returns member -> its last metrics."""
+    watch = Stopwatch()
+    configs = member_configs([localized(TrainConfig.from_dict(c) if isinstance(c, dict) else c) for c in configs])
+    config, k = configs[0], len(configs)
+    send = send or (lambda m, kind, payload: None)
+    train = _ray_train()
+    rank, world = (0, 1)
+    if train is not None:
+        import ray.train.torch
+        context = train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[config.precision]
+    torch.manual_seed(config.seed)  # the LoRA initialisation every member's trial would start from
+    with watch("base"):
+        base, embedding, lora_params = build(config, device)
+        for p in [*lora_params, embedding.rows]:
+            p.requires_grad_(False)  # peft's adapter and the embedding's rows hold a member only to evaluate it
+    with watch("data"):
+        data = SubjectLatents(base.vae, [s.images for s in config.subjects], config.resolution, config.flip,
+                              config.allow_upscale, device, dtype)
+    with watch("task"):
+        group = GroupModel(base, embedding, k).to(device)
+        # a member that left has no gradients; DDP must not wait for them
+        model = ray.train.torch.prepare_model(group, move_to_device=False, parallel_strategy_kwargs={
+            "find_unused_parameters": True}) if world > 1 else group
+        task = GroupTask(configs, base, model, embedding.first_id, device, dtype)
+        optimizer = make_group_optimizer(configs, group.members)
+    if config.eval is not None and rank == 0:
+        from .evaluate import scorer_for
+        with watch("scorer"):
+            scorer_for(config.eval, str(device))
+    generator = torch.Generator().manual_seed(config.seed)
+
+    step = 0
+    checkpoint = train.get_checkpoint() if train is not None else None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            step, task.active = load_group_checkpoint(Path(directory), group, optimizer, generator)
+        if rank == 0:
+            print(f"palp: group resumed from the checkpoint at step {step}", flush=True)
+    outputs = [_member_output(c) for c in configs]
+    logs = [None] * k
+    if rank == 0:
+        from .runlog import RunLog
+        for m in task.active:
+            c = configs[m]
+            if c.output_uri and step and not (outputs[m] / "metrics.jsonl").exists():  # restarted on another node
+                storage.download(storage.join(c.output_uri, "metrics.jsonl"), outputs[m] / "metrics.jsonl")
+            _keep_metrics_until(outputs[m] / "metrics.jsonl", step)
+            if c.mlflow_run_id:
+                with watch("tracking"):
+                    logs[m] = RunLog(c.mlflow_uri, c.mlflow_run_id)
+    metrics: dict[int, dict] = {m: {} for m in range(k)}
+    last_eval: dict[int, dict] = {m: {} for m in range(k)}
+    started = time.perf_counter()
+    try:
+        while task.active and step < config.steps:
+            with watch("steps" if watch.seconds["first_step"] else "first_step"):
+                step_logs = group_step(task, data, optimizer, generator, config.batch_size * world, step=step,
+                                       rank=rank, world=world)
+            step += 1
+            for m, terms in step_logs.items():
+                if not all(v == v and abs(v) != float("inf") for v in terms.values()):
+                    task.active.remove(m)  # diverged: this member fails alone, the others train on
+                    bad = ", ".join(f"{n} is {v}" for n, v in terms.items())
+                    if rank == 0:
+                        send(m, "error", f"step {step}: {bad}")
+                    continue
+                metrics[m] = {"step": step, **terms, "loss": sum(terms.values()),
+                              "train_seconds": time.perf_counter() - started}
+                if rank == 0:
+                    with open(outputs[m] / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(metrics[m]) + "\n")
+                    if logs[m]:
+                        logs[m].metrics(step, terms)
+            milestone = step in config.report_steps
+            if not (milestone or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+                continue
+            if milestone and config.eval is not None and rank == 0:
+                with watch("eval"):
+                    for m in task.active:
+                        group.load_member(m)
+                        last_eval[m] = _evaluate(configs[m], base, step, outputs[m], logs[m])
+            with watch("checkpoint"), tempfile.TemporaryDirectory() as tmp:
+                checkpoint_dir = None
+                if rank == 0:
+                    checkpoint_dir = save_group_checkpoint(Path(tmp), step, group, task.active, optimizer, generator)
+                    for m in task.active:  # what the checkpoint covers is durable with it
+                        publish(outputs[m], configs[m])
+                        if logs[m]:
+                            logs[m].flush(final=False)
+                if train is not None:
+                    train.report({"step": step, "members": len(task.active)},
+                                 checkpoint=train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+            if not milestone:
+                continue
+            for m in task.active:
+                metrics[m].update(last_eval[m], time_total_s=time.perf_counter() - started)
+                if rank == 0 and step < config.steps:
+                    send(m, "report", metrics[m])
+            if step < config.steps:
+                with watch("decision"):  # every rank reads the same decisions, so all drop the same members
+                    stopped = [m for m in task.active if configs[m].scheduler_key
+                               and scheduler_decision(configs[m].scheduler_key, step) == "STOP"]
+                task.active = [m for m in task.active if m not in stopped]
+                for m in stopped:
+                    _log_times(logs[m], step, watch, k)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(config, f"at step {step + 1} in a trial group of {len(task.active)}") from None
+    if rank == 0:
+        for m in task.active:  # ran to the end
+            with watch("export"):
+                group.load_member(m)
+                export_adapter(outputs[m] / "adapter", base.unet, embedding, manifest(configs[m], step))
+                publish(outputs[m], configs[m])
+            metrics[m]["adapter"] = storage.join(configs[m].output_uri or str(outputs[m]), "adapter")
+            if logs[m]:
+                with watch("tracking"):
+                    logs[m].flush()
+                    logs[m].artifacts(outputs[m] / "adapter", "adapter")
+            _log_times(logs[m], step, watch, k)
+            send(m, "done", metrics[m])
+    return metrics
+
+
+def _log_times(log, step: int, watch: Stopwatch, members: int) -> None:
+    """The group's phase times so far, in a member's run (shared by all members: time/group_size says how many)."""
+    if log:
+        log.metrics(step, {**watch.metrics(), "time/group_size": float(members)})
+        log.flush()
