@@ -138,6 +138,9 @@ def format_estimate(recipe: Recipe, est: dict) -> str:
                  f"{_duration(est['full_wall_h'])}" + (f", about {_duration(est['asha_wall_h'])} with ASHA"
                                                          if est["rungs"] else "")
                  + ("; --gpus N: on N GPUs" if recipe.resources.use_gpu else ""))
+    if recipe.resources.trials_per_group > 1:
+        lines.append(f"  trials_per_group {recipe.resources.trials_per_group}: counted here as trials alone; groups "
+                     "share start-up and steps (measured on CPU only: benchmarks/RESULTS.md)")
     return "\n".join(lines)
 
 

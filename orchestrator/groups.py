@@ -67,7 +67,12 @@ class Coordinator:
         self.last_join: dict[str, float] = {}
         self.inbox: dict[str, queue.Queue] = {}
         self.running: dict[ray.ObjectRef, list[str]] = {}
+        self.spare = self._runner()  # started while the first members join: its imports (torch, Ray Train) are done
         threading.Thread(target=self._watch, daemon=True).start()
+
+    @staticmethod
+    def _runner():
+        return GroupRunner.options(num_cpus=0, resources={k: v for k, v in TRIAL_ACTOR.items() if k != "CPU"}).remote()
 
     def join(self, key: str, trial_id: str, config: dict) -> None:
         with self.lock:
@@ -91,9 +96,8 @@ class Coordinator:
     def _launch(self, key: str) -> None:
         members = sorted(self.forming.pop(key))  # in trial-id order (the grid's): reports reach ASHA in it
         ids = [trial_id for trial_id, _ in members]
-        runner = GroupRunner.options(num_cpus=0, resources={k: v for k, v in TRIAL_ACTOR.items() if k != "CPU"})
-        ref = runner.remote().fit.remote(self.recipe, self.storage_path, ids, [c for _, c in members], self.name)
-        self.running[ref] = ids
+        runner, self.spare = self.spare, self._runner()
+        self.running[runner.fit.remote(self.recipe, self.storage_path, ids, [c for _, c in members], self.name)] = ids
 
     def _watch(self) -> None:
         """Form the groups that waited long enough; tell the members of a failed group why."""

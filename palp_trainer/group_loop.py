@@ -6,12 +6,14 @@ hold every member, so a restart restores them all.
 """
 
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import storage
 from .config import TrainConfig
@@ -112,6 +114,7 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
                     logs[m] = RunLog(c.mlflow_uri, c.mlflow_run_id)
     metrics: dict[int, dict] = {m: {} for m in range(k)}
     last_eval: dict[int, dict] = {m: {} for m in range(k)}
+    bar = tqdm(total=config.steps, initial=step, disable=not config.progress or rank != 0, desc=f"palp group of {k}")
     started = time.perf_counter()
     try:
         while task.active and step < config.steps:
@@ -119,8 +122,10 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
                 step_logs = group_step(task, data, optimizer, generator, config.batch_size * world, step=step,
                                        rank=rank, world=world)
             step += 1
+            bar.update(1)
+            bar.set_postfix(training=len(task.active))
             for m, terms in step_logs.items():
-                if not all(v == v and abs(v) != float("inf") for v in terms.values()):
+                if not all(math.isfinite(v) for v in terms.values()):
                     task.active.remove(m)  # diverged: this member fails alone, the others train on
                     bad = ", ".join(f"{n} is {v}" for n, v in terms.items())
                     if rank == 0:
@@ -167,6 +172,7 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
                     _log_times(logs[m], step, watch, k)
     except torch.OutOfMemoryError:
         raise out_of_memory(config, f"at step {step + 1} in a trial group of {len(task.active)}") from None
+    bar.close()
     if rank == 0:
         for m in task.active:  # ran to the end
             with watch("export"):

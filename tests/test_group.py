@@ -1,5 +1,6 @@
 """Trial groups: a member trains exactly as its trial alone (palp_trainer/group.py)."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from palp_trainer.data import SubjectLatents
 from palp_trainer.config import group_key
 from palp_trainer.group import GroupModel, GroupTask, group_step, make_group_optimizer, member_configs
+from palp_trainer.group_loop import load_group_checkpoint, save_group_checkpoint
 from palp_trainer.loop import build, make_optimizer, train_step
 from palp_trainer.task import FastPaths, PalpModel, PalpTask
 from tests.conftest import tiny_config
@@ -51,8 +53,8 @@ def alone(config):
     return logs, grads, [p.detach().clone() for p in [*lora, embedding.rows]]
 
 
-def grouped(configs, drop_after: dict[int, int] | None = None):
-    """The same trials as one group; drop_after {member: step}: the member stops after that step."""
+def setup_group(configs):
+    """group_loop.train_group's objects for `configs`: (task, model, optimizer, data, generator)."""
     configs = member_configs(configs)
     config = configs[0]
     torch.manual_seed(config.seed)
@@ -62,11 +64,16 @@ def grouped(configs, drop_after: dict[int, int] | None = None):
     data = SubjectLatents(base.vae, [s.images for s in config.subjects], 32, config.flip, False, CPU, torch.float32)
     model = GroupModel(base, embedding, len(configs))
     task = GroupTask(configs, base, model, embedding.first_id, CPU, torch.float32)
-    optimizer = make_group_optimizer(configs, model.members)
+    return task, model, make_group_optimizer(configs, model.members), data, torch.Generator().manual_seed(config.seed)
+
+
+def grouped(configs, drop_after: dict[int, int] | None = None):
+    """The same trials as one group; drop_after {member: step}: the member stops after that step."""
+    task, model, optimizer, data, generator = setup_group(configs)
+    config = task.config
     grads, original = [], optimizer.step
     params = [[*model.members.params_of(m)[0], model.members.params_of(m)[1]] for m in range(len(configs))]
     optimizer.step = lambda: (grads or grads.extend([p.grad.clone() for p in ps] for ps in params), original())[1]
-    generator = torch.Generator().manual_seed(config.seed)
     logs = {m: [] for m in range(len(configs))}
     for s in range(STEPS):
         if not task.active:
@@ -133,3 +140,35 @@ def test_groups_hold_only_members_that_differ_in_group_knobs(subject_images, tmp
         member_configs([a, replace(a, rank=8)])
     with pytest.raises(ValueError, match="fp16"):
         member_configs([replace(a, precision="fp16")])
+
+
+def test_a_group_checkpoint_restores_every_member(subject_images, tmp_path):
+    """2 steps, checkpoint (member 1 already left), 1 more step; against fresh objects restored from the checkpoint
+    taking that step: the same losses for the members still in, and member 1 stays out."""
+    configs = [tiny_config(subject_images, tmp_path / str(i), steps=STEPS, **k) for i, k in enumerate(KNOBS)]
+    task, model, optimizer, data, generator = setup_group(configs)
+    for s in range(2):
+        group_step(task, data, optimizer, generator, 2, step=s)
+        task.active = [0, 2]
+    save_group_checkpoint(tmp_path, 2, model, task.active, optimizer, generator)
+    expected = group_step(task, data, optimizer, generator, 2, step=2)
+
+    task, model, optimizer, data, generator = setup_group(configs)
+    step, task.active = load_group_checkpoint(tmp_path, model, optimizer, generator)
+    assert (step, task.active) == (2, [0, 2])
+    assert group_step(task, data, optimizer, generator, 2, step=2) == expected
+
+
+def test_a_diverging_member_leaves_the_others_untouched(subject_images, tmp_path):
+    """Member 1's lr is inf: its weights go non-finite at step 1 and its losses from step 2 on. It is left out of
+    the backward (group_step), so members 0 and 2 train exactly as alone."""
+    knobs = [KNOBS[0], {**KNOBS[1], "lr": float("inf")}, KNOBS[2]]
+    configs = [tiny_config(subject_images, tmp_path / str(i), steps=STEPS, **k) for i, k in enumerate(knobs)]
+    logs, _, weights, _ = grouped(configs)
+    assert all(math.isfinite(v) for v in logs[1][0].values())
+    assert not any(math.isfinite(v) for log in logs[1][1:] for v in log.values())
+    for m in (0, 2):
+        solo_logs, _, solo_weights = alone(configs[m])
+        assert [log["denoise_loss"] for log in logs[m]] == pytest.approx([log["denoise_loss"] for log in solo_logs],
+                                                                         rel=1e-5)
+        same_weights(weights[m], solo_weights, configs[m])

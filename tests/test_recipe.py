@@ -207,3 +207,22 @@ def test_recipe_is_frozen(tmp_path):
     assert isinstance(r, Recipe)
     with pytest.raises(AttributeError):
         r.name = "other"
+
+
+def test_trial_groups_knob(tmp_path):
+    """resources.trials_per_group: refused below 1 and with fp16 (a shared loss scale); points that can share a
+    group sit next to each other in the grid; the driver counts each group key's trials (groups form when full)."""
+    from orchestrator.groups import expected_members
+
+    path = ROOT / "recipes" / "smoke.yaml"
+    with pytest.raises(RecipeError, match=r"^resources\.trials_per_group: must be >= 1"):
+        load_recipe(path, ["resources.trials_per_group=0"])
+    with pytest.raises(RecipeError, match=r"^resources\.trials_per_group: .*fp16"):
+        load_recipe(path, ["resources.trials_per_group=4", "precision=fp16"])
+    r = load_recipe(path, ["resources.trials_per_group=4", "search.alignment=palp", "search.alpha=[3, 7.5]",
+                           "search.rank=[4, 8]", "search.lr=[1e-4, 2e-4]"])
+    points = param_space(r)["point"]["grid_search"]
+    assert [p["rank"] for p in points] == [4] * 4 + [8] * 4  # α x lr of a rank together
+    assert sorted(expected_members(r).values()) == [4, 4]  # per rank, 2 α x 2 lr
+    # a sampled knob outside the group knobs makes the keys random: groups then form by waiting
+    assert expected_members(load_recipe(path, ["resources.trials_per_group=2", "search.rank={choice: [4, 8]}"])) is None
