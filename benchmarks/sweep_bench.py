@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrent", type=int, default=1, help="trials (or trial groups) at a time")
     p.add_argument("--group", type=int, default=1, help="resources.trials_per_group")
     p.add_argument("--json", type=Path)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more recipe overrides")
     args = p.parse_args(argv)
     json_path = args.json.resolve() if args.json else None  # the sweep runs in a temporary folder
 
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     from orchestrator.sweep import run_sweep
 
     recipe_path = str(Path(args.recipe).resolve())
-    overrides = bench_overrides(args.trials, args.steps, args.concurrent, args.group)
+    overrides = [*bench_overrides(args.trials, args.steps, args.concurrent, args.group), *args.set]
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
         os.chdir(tmp)  # the sweep's runs/ and mlflow.db
         recipe = load_recipe(recipe_path, [*overrides, f"storage_path={tmp}/runs",

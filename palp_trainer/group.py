@@ -52,8 +52,7 @@ class GroupModel(nn.Module):
         self.scaling = self.layers[0].scaling["default"]  # lora_alpha / rank, the same in every layer
         self.members = MemberWeights(self.layers, embedding.rows, k)
         self.route: list[int | None] | None = None  # per row block: member index, or None for LoRA off
-        for i, layer in enumerate(self.layers):
-            layer.register_forward_hook(self._hook(i))
+        self.hooks = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
 
     def _hook(self, j: int):
         def hook(layer, args, out):

@@ -38,6 +38,19 @@ def x0_estimate(x_t: torch.Tensor, eps_hat: torch.Tensor, abar: torch.Tensor) ->
     return (x_t.double() - _b((1 - abar).sqrt()) * eps_hat.double()) / _b(abar.sqrt())
 
 
+def v_target(x0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0 (Salimans & Ho 2022, Sec. 4; what a v-prediction model predicts), float64."""
+    return _b(abar.sqrt()) * eps.double() - _b((1 - abar).sqrt()) * x0.double()
+
+
+def eps_of(x_t: torch.Tensor, out: torch.Tensor, abar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The ε a network output stands for: itself for ε-prediction; for v, x_t = √ᾱ·x_0 + √(1−ᾱ)·ε and
+    v = √ᾱ·ε − √(1−ᾱ)·x_0 give ε = √(1−ᾱ)·x_t + √ᾱ·v, float64."""
+    if prediction == "epsilon":
+        return out.double()
+    return _b((1 - abar).sqrt()) * x_t.double() + _b(abar.sqrt()) * out.double()
+
+
 def guided(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """G^s(x, y) = (1−s)·G(x, ∅) + s·G(x, y) (Eq. 5)."""
     return (1 - scale) * uncond.double() + scale * cond.double()
@@ -59,6 +72,7 @@ class Nets:
     pre_text_encoder: torch.nn.Module
     pre_tokenizer: object
     betas: torch.Tensor
+    prediction: str = "epsilon"  # what both UNets predict: "epsilon" or "v_prediction"
 
 
 def reference_step(config, nets: Nets, batch: dict, params: list[torch.Tensor], align: bool = True) -> dict:
@@ -74,25 +88,27 @@ def reference_step(config, nets: Nets, batch: dict, params: list[torch.Tensor], 
     prompts = [config.subjects[int(i)].prompt for i in subject]
     x_t = noise(x0, eps, abar)
     enc = nets.text_encoder(ids_of(nets.tokenizer, prompts))[0]  # [B, 77, d], [V] rows live
-    eps_hat = nets.unet(x_t.float(), t, enc).sample  # G_θ(x_t, y_P)
-    residual = eps_hat.double() - eps.double()
-    denoise = (residual ** 2).sum() / n  # mean over elements
-    # ∂/∂G of the mean squared error: 2(G − ε)/N
-    out = {"denoise_loss": (denoise, _vjp(eps_hat, params, 2 * residual / n))}
+    pred = nets.unet(x_t.float(), t, enc).sample  # G_θ(x_t, y_P): ε̂, or v̂ for a v-prediction model
+    v_model = nets.prediction == "v_prediction"
+    residual = pred.double() - (v_target(x0, eps, abar) if v_model else eps.double())
+    denoise = (residual ** 2).sum() / n  # mean over elements, against the model's own target
+    # ∂/∂G of the mean squared error: 2(G − target)/N
+    out = {"denoise_loss": (denoise, _vjp(pred, params, 2 * residual / n))}
     if not align or config.alignment == "none":
         return out
 
     with torch.no_grad():
-        x0_hat = x0_estimate(x_t, eps_hat, abar)  # Eq. 2
+        eps_hat = eps_of(x_t, pred, abar, nets.prediction)
+        x0_hat = x0_estimate(x_t, eps_hat, abar)  # Eq. 2 on the ε the output stands for
         x_hat_t = noise(x0_hat, eps_align, abar).float()  # re-noised at the same t (same ε: eps_align is eps)
         b = len(t)
 
-        def pretrained(prompt: str) -> torch.Tensor:  # LoRA off, no placeholder: the base model
+        def pretrained(prompt: str) -> torch.Tensor:  # LoRA off, no placeholder: the base model; as ε
             e = nets.pre_text_encoder(ids_of(nets.pre_tokenizer, [prompt]))[0].expand(b, -1, -1)
-            return nets.pre_unet(x_hat_t, t, e).sample
+            return eps_of(x_hat_t, nets.pre_unet(x_hat_t, t, e).sample, abar, nets.prediction)
 
-        def personalized(e: torch.Tensor) -> torch.Tensor:  # LoRA on
-            return nets.unet(x_hat_t, t, e).sample
+        def personalized(e: torch.Tensor) -> torch.Tensor:  # LoRA on; as ε
+            return eps_of(x_hat_t, nets.unet(x_hat_t, t, e).sample, abar, nets.prediction)
 
         uncond, cond = pretrained(""), pretrained(config.clean_prompt)
         if config.alignment == "palp":  # Eq. 6: G^α_pre(x̂_t, y^c) − G^β_LoRA(x̂_t, y_P)
@@ -114,9 +130,10 @@ def reference_step(config, nets: Nets, batch: dict, params: list[torch.Tensor], 
         g = _b(w) * diff  # the score of Eq. 4 / 6
         scale = config.align_weight * config.align_every  # λ, times k on every k-th step
         value = scale * (g * x0_hat).sum() / n
-        # Eq. 7: ∂x̂_0/∂θ = −√(1−ᾱ)/√ᾱ · ∂G_θ(x_t, y_P)/∂θ
-        cotangent = -scale * g * _b((1 - abar).sqrt() / abar.sqrt()) / n
-    out["align_loss"] = (value, _vjp(eps_hat, params, cotangent))
+        # Eq. 7: ∂x̂_0/∂θ = −√(1−ᾱ)/√ᾱ · ∂ε̂/∂θ, and for v (ε̂ = √(1−ᾱ)·x_t + √ᾱ·v̂): −√(1−ᾱ) · ∂v̂/∂θ
+        dx0 = (1 - abar).sqrt() if v_model else (1 - abar).sqrt() / abar.sqrt()
+        cotangent = -scale * g * _b(dx0) / n
+    out["align_loss"] = (value, _vjp(pred, params, cotangent))
     return out
 
 

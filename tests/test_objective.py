@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from palp_trainer import losses
@@ -18,6 +19,7 @@ from palp_trainer.data import SubjectLatents
 from palp_trainer.loop import build, make_optimizer
 from palp_trainer.models import load_base
 from palp_trainer.task import FastPaths, PalpModel, PalpTask, tokenize
+from palp_trainer.tiny import SD1_SCHEDULER
 from tests.conftest import tiny_config, write_images
 from tests.palp_reference import Nets, noise, reference_step, x0_estimate
 
@@ -111,6 +113,29 @@ def check_step(rig: Rig, t=(37, 612), same_noise=True, fast=PLAIN, align=True, *
 def test_palp_step_matches_the_paper(rig, fast, alpha, beta):
     """Eq. 1 + λ·Eq. 6 with Eq. 7, β = 1 (one personalized call) and β ≠ 1 (its own CFG), on each fast path."""
     check_step(rig, fast=FAST[fast], alpha=alpha, beta=beta)
+
+
+@pytest.fixture(scope="module")
+def v_rig(rig) -> Rig:
+    """The same networks read as a v-prediction model (SD-2.x 768): the scheduler says so, as from_pretrained's
+    would; the reference converts every output itself (palp_reference.eps_of, v_target)."""
+    scheduler = DDPMScheduler(**{**SD1_SCHEDULER, "prediction_type": "v_prediction"})
+    return dataclasses.replace(rig, base=dataclasses.replace(rig.base, noise_scheduler=scheduler),
+                               nets=dataclasses.replace(rig.nets, prediction="v_prediction"))
+
+
+@pytest.mark.parametrize("fast", FAST)
+@pytest.mark.parametrize("alignment, beta", [("palp", 1.0), ("palp", 2.5), ("sds", 1.0), ("nfsd", 1.0), ("none", 1.0)])
+def test_v_prediction_step_matches_the_paper_in_eps(v_rig, fast, alignment, beta):
+    """v-prediction: Eq. 1 on v's own target, x̂_0 = √ᾱ·x_t − √(1−ᾱ)·v̂, every alignment-branch output converted to
+    ε before Eq. 4/6 and NFSD; values and gradients against the reference (t = 199, 200 straddle NFSD's switch)."""
+    t = (199, 200) if alignment == "nfsd" else (199, 612)
+    got, _ = check_step(v_rig, t=t, same_noise=alignment != "sds", fast=FAST[fast], alignment=alignment, beta=beta)
+    # the same networks read as ε give other terms: the reference above could tell a trainer that ignored v
+    as_eps = v_rig.task(FAST[fast], same_noise=alignment != "sds", alignment=alignment, beta=beta)
+    as_eps.v_prediction = False
+    other = as_eps.training_step(make_batch(t, alignment != "sds"))
+    assert all(abs(other[k].item() - got[k].item()) > 1e-3 * abs(got[k].item()) for k in got)
 
 
 @pytest.mark.parametrize("fast", ["plain", "batched"])
