@@ -66,12 +66,16 @@ def kohya_metadata(manifest: dict, name: str, text_width: int) -> dict[str, str]
     if base.startswith("/") or "://" in base:  # a folder or storage URI: its name only, as sd-scripts writes it
         base = base.rstrip("/").rsplit("/", 1)[-1]
     triggers = ", ".join(f"{t} = {w}" for t, w in manifest["triggers"].items())
+    v = manifest.get("prediction_type", "epsilon") == "v_prediction"
+    architecture = "stable-diffusion-v1" if version == "sd_v1" else (
+        "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512")  # modelspec's names
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(manifest["rank"]),
         "ss_network_alpha": str(manifest["lora_alpha"]),
         "ss_base_model_version": version,
         "ss_v2": str(version == "sd_v2"),
+        "ss_v_parameterization": str(v),  # sd-scripts' flag for v-prediction bases
         "ss_output_name": name,
         "ss_sd_model_name": base,
         "ss_resolution": f"({resolution}, {resolution})",
@@ -79,11 +83,11 @@ def kohya_metadata(manifest: dict, name: str, text_width: int) -> dict[str, str]
         "ss_training_comment": f"PALP adapter, UNet LoRA + textual inversion; trigger words: {triggers}; "
                                f"trained for: {manifest['target_prompt']}",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{'stable-diffusion-v2-512' if version == 'sd_v2' else 'stable-diffusion-v1'}/lora",
+        "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": "v" if v else "epsilon",
         "modelspec.trigger_phrase": ", ".join(manifest["triggers"].values()),
     }
 

@@ -116,6 +116,7 @@ class GroupTask:
         self.first_id = first_placeholder_id
         self.n_tokens = len(self.config.tokens)
         self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(device)
+        self.v_prediction = base.noise_scheduler.config.prediction_type == "v_prediction"
         self.prompt_ids = tokenize(base.tokenizer, [s.prompt for s in self.config.subjects], device)
         with torch.no_grad(), self.autocast():
             self.clean_enc, self.empty_enc, self.negative_enc = (
@@ -128,6 +129,9 @@ class GroupTask:
 
     def aligns_at(self, step: int) -> bool:
         return PalpTask.aligns_at(self, step)
+
+    def as_eps(self, x_t, pred, t):
+        return PalpTask.as_eps(self, x_t, pred, t)
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -151,11 +155,12 @@ class GroupTask:
         x_t = losses.add_noise(x0, eps, alpha_bar)
         with self.autocast():
             eps_pred, prompt_enc = self.model(x_t.to(self.dtype), t, ids, self.active)
-        terms = {"denoise_loss": torch.stack([losses.denoise(eps_pred[i * b:(i + 1) * b], eps[i * b:(i + 1) * b])
+        target = losses.v_target(x0, eps, alpha_bar) if self.v_prediction else eps
+        terms = {"denoise_loss": torch.stack([losses.denoise(eps_pred[i * b:(i + 1) * b], target[i * b:(i + 1) * b])
                                               for i in range(k)])}
         if not (align and cfg.alignment != "none"):
             return terms
-        x0_hat = losses.predict_x0(x_t, eps_pred.float(), alpha_bar)  # Eq. 2, with grad
+        x0_hat = losses.predict_x0(x_t, self.as_eps(x_t, eps_pred.float(), t), alpha_bar)  # Eq. 2, with grad
         score = self.score(x0_hat, t, eps_align, prompt_enc.detach(), b)
         weight = self._per_row("align_weight", b)[::b] * cfg.align_every
         terms["align_loss"] = torch.stack([
@@ -182,20 +187,22 @@ class GroupTask:
         if all(self.configs[m].beta == 1.0 for m in self.active):  # G^1 is the conditional call alone
             with self.autocast(), self.group.routed(self.active):
                 personalized = self.unet(x_hat_t.to(self.dtype), t, prompt_enc).sample.float()
-            return losses.palp_score(pretrained, personalized, weight)
+            return losses.palp_score(pretrained, self.as_eps(x_hat_t, personalized, t), weight)
         beta = self._per_row("beta", b).view(-1, 1, 1, 1)
         with self.autocast(), self.group.routed(self.active + self.active):  # [∅ | y_P] blocks, LoRA on
             n = len(x_hat_t)
             enc = torch.cat([self.empty_enc.expand(n, -1, -1).to(prompt_enc.dtype), prompt_enc])
             uncond, cond = self.unet(x_hat_t.repeat(2, 1, 1, 1).to(self.dtype), t.repeat(2), enc).sample.float().chunk(2)
-        return losses.palp_score(pretrained, losses.cfg(uncond, cond, beta), weight)  # G^β_θLoRA(x̂_t, y_P)
+        personalized = losses.cfg(self.as_eps(x_hat_t, uncond, t), self.as_eps(x_hat_t, cond, t), beta)
+        return losses.palp_score(pretrained, personalized, weight)  # G^β_θLoRA(x̂_t, y_P)
 
     def pretrained(self, x, t, encodings) -> tuple[torch.Tensor, ...]:
         """The pre-trained UNet (LoRA off) on each constant prompt, in one call."""
         n, rows = len(encodings), len(x)
         with self.autocast(), self.group.routed(None):
             enc = torch.cat([e.expand(rows, -1, -1) for e in encodings])
-            return self.unet(x.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), enc).sample.float().chunk(n)
+            out = self.unet(x.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), enc).sample.float().chunk(n)
+        return tuple(self.as_eps(x, o, t) for o in out)
 
 
 def make_group_optimizer(configs: list[TrainConfig], weights: MemberWeights) -> torch.optim.Optimizer:

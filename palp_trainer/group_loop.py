@@ -177,7 +177,7 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
         for m in task.active:  # ran to the end
             with watch("export"):
                 group.load_member(m)
-                export_adapter(outputs[m] / "adapter", base.unet, embedding, manifest(configs[m], step))
+                export_adapter(outputs[m] / "adapter", base.unet, embedding, manifest(configs[m], step, base))
                 publish(outputs[m], configs[m])
             metrics[m]["adapter"] = storage.join(configs[m].output_uri or str(outputs[m]), "adapter")
             if logs[m]:

@@ -67,8 +67,9 @@ def build(config: TrainConfig, device: torch.device, base: Base | None = None):
     return base, embedding, lora_params
 
 
-def manifest(config: TrainConfig, step: int) -> dict:
+def manifest(config: TrainConfig, step: int, base: Base | None = None) -> dict:
     return {
+        "prediction_type": base.noise_scheduler.config.prediction_type if base else "epsilon",
         "base_model": config.base_model,
         "placeholders": {s.token: s.class_word for s in config.subjects},
         "tokens": list(config.tokens),
@@ -107,7 +108,7 @@ def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, scal
     """LoRA + embeddings (as an exported adapter), optimizer, fp16 loss scale, step, the training time so far
     and every RNG state. Tensors and plain Python only: it loads with `weights_only=True` (no pickle code)."""
     # tools=False: a checkpoint is resumed here, not opened in a UI; the LoRA is not stored a second time
-    export_adapter(directory, base.unet, embedding, manifest(config, step), tools=False)
+    export_adapter(directory, base.unet, embedding, manifest(config, step, base), tools=False)
     torch.save({
         "step": step,
         "seconds": seconds,
@@ -315,7 +316,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     metrics["time_total_s"] = time.perf_counter() - started  # training + evaluations, before export
     if rank == 0:
         with watch("export"):
-            export_adapter(output / "adapter", base.unet, embedding, manifest(config, step))
+            export_adapter(output / "adapter", base.unet, embedding, manifest(config, step, base))
             publish(output, config)
         metrics["adapter"] = storage.join(config.output_uri or str(output), "adapter")
         if log:

@@ -28,6 +28,18 @@ def predict_x0(x_t: torch.Tensor, eps_pred: torch.Tensor, alpha_bar: torch.Tenso
     return (x_t - (1 - a).sqrt() * eps_pred) / a.sqrt()
 
 
+def v_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0, a v-prediction model's target (Salimans & Ho 2022); Eq. 1 then reads ‖G − v‖²."""
+    a = _per_sample(alpha_bar)
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def eps_from_v(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The ε a v-prediction stands for: ε = √(1−ᾱ_t)·x_t + √ᾱ_t·v. PALP's scores (Eq. 4, 6) and guidance read ε."""
+    a = _per_sample(alpha_bar)
+    return (1 - a).sqrt() * x_t + a.sqrt() * v
+
+
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """G^α(x, y) = (1−α)·G(x, ∅) + α·G(x, y), Eq. 5."""
     return (1 - scale) * uncond + scale * cond

@@ -14,6 +14,7 @@ from .tiny import SD1_SCHEDULER, build_tiny
 
 WORLD_DIR = Path(__file__).parent / "assets" / "world"  # the pretrained world base (world_base.py), diffusers layout
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections (App. C)
+PREDICTIONS = ("epsilon", "v_prediction")  # what the UNet may predict (its scheduler's prediction_type)
 
 
 @dataclass
@@ -55,10 +56,10 @@ def load_base(ref: str = "tiny") -> Base:
             DDPMScheduler.from_pretrained(ref, subfolder="scheduler"),
         )
     prediction = base.noise_scheduler.config.prediction_type
-    if prediction != "epsilon":
-        # Eq. 1-7 are written for ε-prediction; training a v-model on ε would silently be wrong.
-        raise ValueError(f"base_model: {ref} uses prediction_type={prediction!r}; only 'epsilon' "
-                         "(SD-1.x, SD-2.x base 512) is supported")
+    if prediction not in PREDICTIONS:
+        # Eq. 1-7 are written for ε; a v-model's outputs are converted (PalpTask.as_eps), an x_0-model's are not
+        raise ValueError(f"base_model: {ref} uses prediction_type={prediction!r}; supported: "
+                         f"{', '.join(PREDICTIONS)} (SD-1.x, SD-2.x base 512 and 768)")
     for module in (base.text_encoder, base.vae, base.unet):
         module.requires_grad_(False)
         module.eval()

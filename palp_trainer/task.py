@@ -93,6 +93,8 @@ class PalpTask:
         self.dtype = dtype
         self.first_placeholder_id = first_placeholder_id
         self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(device)  # [1000], fp32
+        # SD-2.x 768 predicts v: Eq. 1 on v's target, and every output read as the ε it stands for (x̂_0, Eq. 4-7)
+        self.v_prediction = base.noise_scheduler.config.prediction_type == "v_prediction"
         self.prompt_ids = tokenize(base.tokenizer, [s.prompt for s in config.subjects], device)  # [S, 77]
         # The pre-trained branch's prompts never contain a placeholder, so their encodings are constant.
         self.clean_ids = tokenize(base.tokenizer, [config.clean_prompt], device)
@@ -200,13 +202,19 @@ class PalpTask:
         with self.lora_in_compute_dtype(), lora_weights:
             with self.autocast():
                 eps_pred, prompt_enc = self.model(x_t.to(self.dtype), t, self.prompt_ids[subject])
-            terms = (losses.denoise(eps_pred, eps),)
+            target = losses.v_target(x0, eps, alpha_bar) if self.v_prediction else eps
+            terms = (losses.denoise(eps_pred, target),)
             if align and cfg.alignment != "none":
-                x0_hat = losses.predict_x0(x_t, eps_pred.float(), alpha_bar)  # Eq. 2, with grad
+                eps_hat = self.as_eps(x_t, eps_pred.float(), t)
+                x0_hat = losses.predict_x0(x_t, eps_hat, alpha_bar)  # Eq. 2, with grad
                 branch = self.alignment_branch(x0_hat, {"t": t, "eps_align": eps_align}, prompt_enc)
                 weight = cfg.align_weight * cfg.align_every
                 terms += (weight * losses.score_distillation(x0_hat, branch["score"]),)
         return terms
+
+    def as_eps(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The ε a UNet output at (x_t, t) stands for: itself, or converted from v (losses.eps_from_v)."""
+        return losses.eps_from_v(x_t, pred, self.alphas_cumprod[t]) if self.v_prediction else pred
 
     def capture(self, args: tuple[torch.Tensor, ...], align: bool) -> nn.Module:
         """`loss_terms` as one CUDA graph for the forward and one for the backward.
@@ -258,14 +266,16 @@ class PalpTask:
         """Pre-trained UNet (LoRA off) on each constant prompt encoding: one call per encoding, or one
         batched call (FastPaths.batch_pretrained)."""
         n, b = len(encodings), len(x)
-        x = x.to(self.dtype)
+        xc = x.to(self.dtype)
         self.unet.disable_adapters()
         try:
             with self.autocast():
                 if self.fast.batch_pretrained:
                     enc = torch.cat([e.expand(b, -1, -1) for e in encodings])
-                    return self.unet(x.repeat(n, 1, 1, 1), t.repeat(n), enc).sample.float().chunk(n)
-                return tuple(self.unet(x, t, e.expand(b, -1, -1)).sample.float() for e in encodings)
+                    out = self.unet(xc.repeat(n, 1, 1, 1), t.repeat(n), enc).sample.float().chunk(n)
+                else:
+                    out = [self.unet(xc, t, e.expand(b, -1, -1)).sample.float() for e in encodings]
+                return tuple(self.as_eps(x, o, t) for o in out)
         finally:
             self.unet.enable_adapters()
 
@@ -278,6 +288,7 @@ class PalpTask:
         enc = torch.cat([e.expand(b, -1, -1).to(prompt_enc.dtype) for e in encodings])  # [n·B, 77, d]
         with self.autocast(), self.lora_from_row(2 * b):  # rows [:2B] pre-trained, the rest personalized
             pred = self.unet(x.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), enc).sample.float().chunk(n)
+        pred = [self.as_eps(x, p, t) for p in pred]
         personalized = pred[2] if beta == 1.0 else losses.cfg(pred[2], pred[3], beta)
         return pred[0], pred[1], personalized
 
@@ -286,10 +297,10 @@ class PalpTask:
         beta = self.config.beta
         with self.autocast():
             if beta == 1.0:
-                return self.unet(x.to(self.dtype), t, prompt_enc).sample.float()
+                return self.as_eps(x, self.unet(x.to(self.dtype), t, prompt_enc).sample.float(), t)
             enc = torch.cat([self.empty_enc.expand(len(x), -1, -1).to(prompt_enc.dtype), prompt_enc])
             uncond, cond = self.unet(x.repeat(2, 1, 1, 1).to(self.dtype), t.repeat(2), enc).sample.float().chunk(2)
-        return losses.cfg(uncond, cond, beta)
+        return losses.cfg(self.as_eps(x, uncond, t), self.as_eps(x, cond, t), beta)
 
 
 class _CapturedStep(nn.Module):

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from palp_trainer.data import SubjectLatents
 from palp_trainer.config import group_key
@@ -12,6 +13,7 @@ from palp_trainer.group import GroupModel, GroupTask, group_step, make_group_opt
 from palp_trainer.group_loop import load_group_checkpoint, save_group_checkpoint
 from palp_trainer.loop import build, make_optimizer, train_step
 from palp_trainer.task import FastPaths, PalpModel, PalpTask
+from palp_trainer.tiny import SD1_SCHEDULER
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")
@@ -37,10 +39,17 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
     assert (a - b).abs().max() <= rel * b.abs().max() + 1e-12, ((a - b).abs().max(), b.abs().max())
 
 
-def alone(config):
+def v_model(base):
+    """The tiny base read as a v-prediction model (its scheduler says so, as SD-2.x 768's does)."""
+    base.noise_scheduler = DDPMScheduler(**{**SD1_SCHEDULER, "prediction_type": "v_prediction"})
+
+
+def alone(config, prediction="epsilon"):
     """`config` trained alone for STEPS steps with loop.train_step: per-step losses, first-step grads, weights."""
     torch.manual_seed(config.seed)
     base, embedding, lora = build(config, CPU)
+    if prediction == "v_prediction":
+        v_model(base)
     data = SubjectLatents(base.vae, [s.images for s in config.subjects], 32, config.flip, False, CPU, torch.float32)
     task = PalpTask(config, base, PalpModel(base.unet, base.text_encoder), embedding.first_id, CPU, torch.float32,
                     FastPaths())
@@ -53,12 +62,14 @@ def alone(config):
     return logs, grads, [p.detach().clone() for p in [*lora, embedding.rows]]
 
 
-def setup_group(configs):
+def setup_group(configs, prediction="epsilon"):
     """group_loop.train_group's objects for `configs`: (task, model, optimizer, data, generator)."""
     configs = member_configs(configs)
     config = configs[0]
     torch.manual_seed(config.seed)
     base, embedding, lora = build(config, CPU)
+    if prediction == "v_prediction":
+        v_model(base)
     for p in [*lora, embedding.rows]:
         p.requires_grad_(False)
     data = SubjectLatents(base.vae, [s.images for s in config.subjects], 32, config.flip, False, CPU, torch.float32)
@@ -67,9 +78,9 @@ def setup_group(configs):
     return task, model, make_group_optimizer(configs, model.members), data, torch.Generator().manual_seed(config.seed)
 
 
-def grouped(configs, drop_after: dict[int, int] | None = None):
+def grouped(configs, drop_after: dict[int, int] | None = None, prediction="epsilon"):
     """The same trials as one group; drop_after {member: step}: the member stops after that step."""
-    task, model, optimizer, data, generator = setup_group(configs)
+    task, model, optimizer, data, generator = setup_group(configs, prediction)
     config = task.config
     grads, original = [], optimizer.step
     params = [[*model.members.params_of(m)[0], model.members.params_of(m)[1]] for m in range(len(configs))]
@@ -85,17 +96,18 @@ def grouped(configs, drop_after: dict[int, int] | None = None):
     return logs, grads, weights, model
 
 
-@pytest.mark.parametrize("alignment", ["palp", "none", "nfsd"])
-def test_members_train_as_their_trials_alone(subject_images, tmp_path, alignment):
+@pytest.mark.parametrize("alignment, prediction", [("palp", "epsilon"), ("none", "epsilon"), ("nfsd", "epsilon"),
+                                                    ("palp", "v_prediction")])
+def test_members_train_as_their_trials_alone(subject_images, tmp_path, alignment, prediction):
     """Per member and step, the losses; the first step's gradients; the weights after 3 AdamW steps: equal to the
     trial alone within fp32 reduction order (1e-5 for losses, 1e-4 for gradients, of the largest value; weights:
     see same_weights): the group's batched UNet calls and bmm LoRA add in another order. Members differ in
     α, β, λ, lr and embedding lr, so a member reading another's knob, rows or LoRA fails it."""
     configs = [tiny_config(subject_images, tmp_path / str(i), alignment=alignment, steps=STEPS, **k)
                for i, k in enumerate(KNOBS)]
-    logs, grads, weights, _ = grouped(configs)
+    logs, grads, weights, _ = grouped(configs, prediction=prediction)
     for m, config in enumerate(configs):
-        solo_logs, solo_grads, solo_weights = alone(config)
+        solo_logs, solo_grads, solo_weights = alone(config, prediction)
         assert [sorted(log) for log in logs[m]] == [sorted(log) for log in solo_logs]
         for group_log, solo_log in zip(logs[m], solo_logs):
             for name in solo_log:

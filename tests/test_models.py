@@ -1,6 +1,7 @@
 """Base loading (tiny and from_pretrained), placeholders and LoRA placement."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -28,11 +29,25 @@ def test_tiny_is_deterministic():
     assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
 
 
-def test_v_prediction_is_refused(tmp_path):
+def test_a_v_prediction_base_trains_and_its_adapter_says_so(tmp_path, subject_images):
+    """A diffusers folder whose scheduler predicts v (SD-2.x 768) loads through from_pretrained, trains (the step's
+    terms against the paper: tests/test_objective.py), samples with a v-configured scheduler and exports with
+    its prediction type named; an x_0-predicting one is refused, naming the field."""
+    from palp_trainer.evaluate import pipeline_from
+    from palp_trainer.loop import train_loop
+    from tests.conftest import tiny_config
+
     tiny_main([str(tmp_path / "v")])
     cfg = tmp_path / "v" / "scheduler" / "scheduler_config.json"
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "prediction_type": "v_prediction"}))
-    with pytest.raises(ValueError, match="v_prediction"):
+    base = load_base(str(tmp_path / "v"))
+    assert pipeline_from(base).scheduler.config.prediction_type == "v_prediction"
+    metrics = train_loop(tiny_config(subject_images, tmp_path / "run", base_model=str(tmp_path / "v"), steps=2))
+    assert metrics["step"] == 2 and all(map(math.isfinite, (metrics["denoise_loss"], metrics["align_loss"])))
+    manifest = json.loads((tmp_path / "run" / "adapter" / "manifest.json").read_text())
+    assert manifest["prediction_type"] == "v_prediction"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(ValueError, match=r"prediction_type='sample'; supported: epsilon, v_prediction"):
         load_base(str(tmp_path / "v"))
 
 

@@ -131,11 +131,11 @@ def test_v_prediction_step_matches_the_paper_in_eps(v_rig, fast, alignment, beta
     ε before Eq. 4/6 and NFSD; values and gradients against the reference (t = 199, 200 straddle NFSD's switch)."""
     t = (199, 200) if alignment == "nfsd" else (199, 612)
     got, _ = check_step(v_rig, t=t, same_noise=alignment != "sds", fast=FAST[fast], alignment=alignment, beta=beta)
-    # the same networks read as ε give other terms: the reference above could tell a trainer that ignored v
-    as_eps = v_rig.task(FAST[fast], same_noise=alignment != "sds", alignment=alignment, beta=beta)
-    as_eps.v_prediction = False
-    other = as_eps.training_step(make_batch(t, alignment != "sds"))
-    assert all(abs(other[k].item() - got[k].item()) > 1e-3 * abs(got[k].item()) for k in got)
+    if alignment != "none":  # the same outputs read as ε give another alignment term: the reference tells them apart
+        as_eps = v_rig.task(FAST[fast], same_noise=alignment != "sds", alignment=alignment, beta=beta)
+        as_eps.v_prediction = False
+        other = as_eps.training_step(make_batch(t, alignment != "sds"))["align_loss"]
+        assert abs(other - got["align_loss"]) > 0.1 * abs(got["align_loss"])
 
 
 @pytest.mark.parametrize("fast", ["plain", "batched"])
