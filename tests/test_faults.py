@@ -141,6 +141,33 @@ def test_killed_worker_resumes_from_its_checkpoint_and_logs_each_step_once(tmp_p
     assert child.info.status == "FINISHED" and len(versions(uri)) == 1
 
 
+def test_a_killed_group_worker_restores_every_member_from_the_group_checkpoint(tmp_path):
+    """Two trials in one trial group (orchestrator/groups.py); its worker killed after the step-10 checkpoint: Ray
+    Train restarts the group, both members resume at step 10, each logs every step once and ends with its adapter."""
+    sweep = start_sweep(tmp_path, "search.alignment=palp", "search.alpha=[3.0, 12.0]", "search.steps=[10,200]",
+                        "scheduler.type=fifo", "eval.methods=[cfg]", "resources.trials_per_group=2",
+                        "resources.max_concurrent_trials=null")
+    checkpoints = tmp_path / "runs" / "smoke" / "train"
+    wait_for(lambda: list(checkpoints.glob("group-*/checkpoint_*")), what="the group's step-10 checkpoint")
+    wait_for(lambda: [p for p in trial_files(tmp_path, "metrics.jsonl") if last_step(p) >= 15], what="step 15")
+    train_worker(sweep).kill()
+    code, out = finish(sweep)
+    assert code == 0, out[-3000:]
+    assert "[FailurePolicy] RETRY" in out and "palp: group resumed from the checkpoint at step 10" in out
+    files = trial_files(tmp_path, "metrics.jsonl")
+    assert len(files) == 2
+    for f in files:
+        assert [json.loads(line)["step"] for line in f.read_text().splitlines()] == list(range(1, 201))
+        assert json.loads((f.parent / "adapter" / "manifest.json").read_text())["steps"] == 200
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    children = runs(uri)[1]
+    assert sorted(float(c.data.params["alpha"]) for c in children) == [3.0, 12.0]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        history = MlflowClient(uri).get_metric_history(child.info.run_id, "denoise_loss")
+        assert sorted(m.step for m in history) == list(range(1, 201))
+
+
 def test_sigint_exits_130_registers_nothing_and_resume_completes(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     steps = "search.steps=[4,200]"  # long enough to be interrupted mid-trial
