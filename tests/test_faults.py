@@ -147,9 +147,12 @@ def test_a_killed_group_worker_restores_every_member_from_the_group_checkpoint(t
     sweep = start_sweep(tmp_path, "search.alignment=palp", "search.alpha=[3.0, 12.0]", "search.steps=[10,200]",
                         "scheduler.type=fifo", "eval.methods=[cfg]", "resources.trials_per_group=2",
                         "resources.max_concurrent_trials=null")
-    checkpoints = tmp_path / "runs" / "smoke" / "train"
-    wait_for(lambda: list(checkpoints.glob("group-*/checkpoint_*")), what="the group's step-10 checkpoint")
-    wait_for(lambda: [p for p in trial_files(tmp_path, "metrics.jsonl") if last_step(p) >= 15], what="step 15")
+    def registered() -> int:  # the step of the last checkpoint Ray Train's controller has taken in (it polls)
+        found = list((tmp_path / "runs" / "smoke" / "train").glob("group-*/checkpoint_manager_snapshot.json"))
+        latest = json.loads(found[0].read_text()).get("latest_checkpoint_result") or {} if found else {}
+        return latest.get("metrics", {}).get("step", 0)
+
+    wait_for(lambda: registered() == 10, what="the group's step-10 checkpoint, registered")
     train_worker(sweep).kill()
     code, out = finish(sweep)
     assert code == 0, out[-3000:]
