@@ -231,6 +231,8 @@ class Resources:
             raise RecipeError(f"max_concurrent_trials: must be >= 1 (or null), got {self.max_concurrent_trials}")
         if self.trials_per_group < 1:
             raise RecipeError(f"trials_per_group: must be >= 1, got {self.trials_per_group}")
+        if self.trials_per_group > 1 and self.workers_per_trial > 1:  # a group's K rows already fill its device
+            raise RecipeError("trials_per_group: a trial group trains on one worker; set workers_per_trial: 1")
         if self.max_failures < 0:
             raise RecipeError(f"max_failures: must be >= 0, got {self.max_failures}")
         if self.checkpoints_to_keep is not None and self.checkpoints_to_keep < 1:

@@ -108,8 +108,7 @@ class GroupTask:
                  device: torch.device, dtype: torch.dtype):
         self.configs = configs
         self.config = configs[0]  # everything but GROUP_KNOBS is the same in every member
-        self.model = model  # GroupModel, possibly DDP-wrapped
-        self.group = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.model = self.group = model  # GroupModel (one worker: no DDP, see Resources.trials_per_group)
         self.unet = base.unet
         self.device, self.dtype = device, dtype
         self.active = list(range(len(configs)))  # members still training
@@ -192,7 +191,8 @@ class GroupTask:
         with self.autocast(), self.group.routed(self.active + self.active):  # [∅ | y_P] blocks, LoRA on
             n = len(x_hat_t)
             enc = torch.cat([self.empty_enc.expand(n, -1, -1).to(prompt_enc.dtype), prompt_enc])
-            uncond, cond = self.unet(x_hat_t.repeat(2, 1, 1, 1).to(self.dtype), t.repeat(2), enc).sample.float().chunk(2)
+            x2 = x_hat_t.repeat(2, 1, 1, 1).to(self.dtype)
+            uncond, cond = self.unet(x2, t.repeat(2), enc).sample.float().chunk(2)
         personalized = losses.cfg(self.as_eps(x_hat_t, uncond, t), self.as_eps(x_hat_t, cond, t), beta)
         return losses.palp_score(pretrained, personalized, weight)  # G^β_θLoRA(x̂_t, y_P)
 
@@ -228,25 +228,23 @@ def member_configs(configs: list[TrainConfig]) -> list[TrainConfig]:
 
 
 def group_step(task: GroupTask, data, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-               global_batch: int, *, step: int, rank: int = 0, world: int = 1) -> dict[int, dict[str, float]]:
+               global_batch: int, *, step: int) -> dict[int, dict[str, float]]:
     """Optimizer step `step` for every active member (loop.train_step for a group); returns member -> its loss
     terms averaged over grad_accum. A member whose loss is not finite is left out of the backward and returned
     with its non-finite values; the caller drops it."""
     config = task.config
     logs: dict[int, dict[str, float]] = {m: {} for m in task.active}
     for micro in range(config.grad_accum):
-        batch = task.make_batch(generator, data, global_batch, rank, world)
-        sync = task.model.no_sync() if world > 1 and micro < config.grad_accum - 1 else contextlib.nullcontext()
-        with sync:
-            terms = task.loss_terms(batch["latents"], batch["eps"], batch["t"], batch["eps_align"], batch["subject"],
-                                    align=task.aligns_at(step))
-            values = torch.stack(list(terms.values())).detach().float()  # [terms, K]; one host sync
-            finite = torch.isfinite(values).all(0)
-            for i, m in enumerate(task.active):
-                for name, v in zip(terms, values[:, i].tolist()):
-                    logs[m][name] = logs[m].get(name, 0.0) + v / config.grad_accum
-            total = sum(v[finite].sum() for v in terms.values())
-            (total / config.grad_accum).backward()
+        batch = task.make_batch(generator, data, global_batch)
+        terms = task.loss_terms(batch["latents"], batch["eps"], batch["t"], batch["eps_align"], batch["subject"],
+                                align=task.aligns_at(step))
+        values = torch.stack(list(terms.values())).detach().float()  # [terms, K]; one host sync
+        finite = torch.isfinite(values).all(0)
+        for i, m in enumerate(task.active):
+            for name, v in zip(terms, values[:, i].tolist()):
+                logs[m][name] = logs[m].get(name, 0.0) + v / config.grad_accum
+        total = sum(v[finite].sum() for v in terms.values())
+        (total / config.grad_accum).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return logs

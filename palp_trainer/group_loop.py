@@ -20,7 +20,7 @@ from .config import TrainConfig
 from .data import SubjectLatents
 from .export import export_adapter
 from .group import GroupModel, GroupTask, group_step, make_group_optimizer, member_configs
-from .loop import (DTYPES, _evaluate, _keep_metrics_until, _ray_train, build, localized, manifest, out_of_memory,
+from .loop import (DTYPES, _evaluate, _keep_metrics_until, _placement, build, localized, manifest, out_of_memory,
                    publish, scheduler_decision)
 from .stopwatch import Stopwatch
 
@@ -62,15 +62,7 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
     configs = member_configs([localized(TrainConfig.from_dict(c) if isinstance(c, dict) else c) for c in configs])
     config, k = configs[0], len(configs)
     send = send or (lambda m, kind, payload: None)
-    train = _ray_train()
-    rank, world = (0, 1)
-    if train is not None:
-        import ray.train.torch
-        context = train.get_context()
-        rank, world = context.get_world_rank(), context.get_world_size()
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train, rank, world, device = _placement()
     dtype = DTYPES[config.precision]
     torch.manual_seed(config.seed)  # the LoRA initialisation every member's trial would start from
     with watch("base"):
@@ -82,10 +74,7 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
                               config.allow_upscale, device, dtype)
     with watch("task"):
         group = GroupModel(base, embedding, k).to(device)
-        # a member that left has no gradients; DDP must not wait for them
-        model = ray.train.torch.prepare_model(group, move_to_device=False, parallel_strategy_kwargs={
-            "find_unused_parameters": True}) if world > 1 else group
-        task = GroupTask(configs, base, model, embedding.first_id, device, dtype)
+        task = GroupTask(configs, base, group, embedding.first_id, device, dtype)  # one worker (Resources)
         optimizer = make_group_optimizer(configs, group.members)
     if config.eval is not None and rank == 0:
         from .evaluate import scorer_for
@@ -119,8 +108,7 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
     try:
         while task.active and step < config.steps:
             with watch("steps" if watch.seconds["first_step"] else "first_step"):
-                step_logs = group_step(task, data, optimizer, generator, config.batch_size * world, step=step,
-                                       rank=rank, world=world)
+                step_logs = group_step(task, data, optimizer, generator, config.batch_size, step=step)
             step += 1
             bar.update(1)
             bar.set_postfix(training=len(task.active))

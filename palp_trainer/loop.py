@@ -51,6 +51,16 @@ def _ray_train():
         return None
 
 
+def _placement():
+    """(ray.train or None, rank, world size, device) of this process."""
+    train = _ray_train()
+    if train is None:
+        return None, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import ray.train.torch
+    context = train.get_context()
+    return train, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+
+
 def build(config: TrainConfig, device: torch.device, base: Base | None = None):
     """Base model (`base`, or loaded from config.base_model) + placeholders + LoRA on `device`;
     frozen weights in the compute dtype."""
@@ -196,15 +206,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     if isinstance(config, dict):  # Ray Train hands workers the plain-dict form
         config = TrainConfig.from_dict(config)
     config = localized(config)  # subject images given as storage URIs: this node's copies (the adapter carries its own)
-    train = _ray_train()
-    rank, world = (0, 1)
-    if train is not None:
-        import ray.train.torch
-        context = train.get_context()
-        rank, world = context.get_world_rank(), context.get_world_size()
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train, rank, world, device = _placement()
     torch.manual_seed(config.seed)
     with watch("base"):
         base, embedding, lora_params = build(config, device, base)
@@ -215,6 +217,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     with watch("task"):
         model = PalpModel(base.unet, base.text_encoder)
         if world > 1:
+            import ray.train.torch
             model = ray.train.torch.prepare_model(model, move_to_device=False)
         task = PalpTask(config, base, model, embedding.first_id, device, dtype)
         optimizer = make_optimizer(config, lora_params, embedding)

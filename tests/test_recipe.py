@@ -217,6 +217,8 @@ def test_trial_groups_knob(tmp_path):
     path = ROOT / "recipes" / "smoke.yaml"
     with pytest.raises(RecipeError, match=r"^resources\.trials_per_group: must be >= 1"):
         load_recipe(path, ["resources.trials_per_group=0"])
+    with pytest.raises(RecipeError, match=r"^resources\.trials_per_group: a trial group trains on one worker"):
+        load_recipe(path, ["resources.trials_per_group=4", "resources.workers_per_trial=2"])
     with pytest.raises(RecipeError, match=r"^resources\.trials_per_group: .*fp16"):
         load_recipe(path, ["resources.trials_per_group=4", "precision=fp16"])
     r = load_recipe(path, ["resources.trials_per_group=4", "search.alignment=palp", "search.alpha=[3, 7.5]",
