@@ -5,13 +5,14 @@ trial would start a worker group and fail on the download, one trial after anoth
 import json
 from pathlib import Path
 
-from palp_trainer.config import SMALL_BASES
+from palp_trainer.config import PREDICTIONS, SMALL_BASES
 from palp_trainer.storage import is_remote
 
 from .recipe import RecipeError
 
 SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x/2.x"}
 INDEX = "model_index.json"  # a diffusers pipeline's manifest: names its class, hence its family
+SCHEDULER = "scheduler/scheduler_config.json"  # its prediction_type: what the UNet predicts
 HUB_TIMEOUT_S = 10.0
 
 
@@ -57,7 +58,14 @@ def _family(index: Path, ref: str) -> str:
         name = json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError) as e:
         raise RecipeError(f"base_model: {ref}: unreadable {INDEX} ({e})") from None
-    return _check_class(name, ref)
+    family = _check_class(name, ref)
+    scheduler = index.parent / SCHEDULER  # beside model_index.json, in a folder and in a cache snapshot alike
+    if scheduler.is_file():
+        prediction = json.loads(scheduler.read_text()).get("prediction_type", "epsilon")
+        if prediction not in PREDICTIONS:
+            raise RecipeError(f"base_model: {ref} predicts {prediction!r} ({SCHEDULER}); supported: "
+                              f"{', '.join(PREDICTIONS)}")
+    return family
 
 
 def _check_class(name: str | None, ref: str) -> str:

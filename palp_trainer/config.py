@@ -8,6 +8,8 @@ SCORERS = ("clip", "world")
 ALIGNMENTS = ("palp", "sds", "nfsd", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAMPLERS = ("ddim", "dpm")
+# what a base's UNet may predict (its scheduler's prediction_type): ε (SD-1.x, SD-2.x base) or v (SD-2.x 768)
+PREDICTIONS = ("epsilon", "v_prediction")
 
 
 def default_resolution(base_model: str) -> int:

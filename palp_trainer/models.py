@@ -10,11 +10,11 @@ from peft import LoraConfig
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .config import PREDICTIONS
 from .tiny import SD1_SCHEDULER, build_tiny
 
 WORLD_DIR = Path(__file__).parent / "assets" / "world"  # the pretrained world base (world_base.py), diffusers layout
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections (App. C)
-PREDICTIONS = ("epsilon", "v_prediction")  # what the UNet may predict (its scheduler's prediction_type)
 
 
 @dataclass

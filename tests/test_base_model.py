@@ -50,6 +50,19 @@ def test_a_folder_that_is_not_a_supported_pipeline_is_refused(tmp_path):
         check_base(str(tmp_path / "xl"))
 
 
+def test_the_prediction_type_is_checked_at_validation(tmp_path):
+    """v-prediction (SD-2.x 768) passes; a UNet that predicts x_0 is refused before any trial, naming the file."""
+    assert tiny_main([str(tmp_path / "m")]) == 0
+    scheduler = tmp_path / "m" / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler.read_text())
+    scheduler.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    assert check_base(str(tmp_path / "m")) == "Stable Diffusion 1.x/2.x"
+    scheduler.write_text(json.dumps({**config, "prediction_type": "sample"}))
+    with pytest.raises(RecipeError, match=r"^base_model: .*/m predicts 'sample' \(scheduler/scheduler_config.json\); "
+                                          r"supported: epsilon, v_prediction$"):
+        check_base(str(tmp_path / "m"))
+
+
 def test_a_cached_hub_model_passes_offline(hub):
     cache_model(hub, "stable-diffusion-v1-5/stable-diffusion-v1-5", "StableDiffusionPipeline")
     assert check_base("stable-diffusion-v1-5/stable-diffusion-v1-5") == "Stable Diffusion 1.x/2.x"
