@@ -95,7 +95,8 @@ def main(argv=None) -> int:
         "trials_per_hour": len(rows) / sweep_wall * 3600,
         "overhead_fraction": 1 - useful / (sweep_wall * args.concurrent),
         "overhead_per_trial_s": (sweep_wall * args.concurrent - useful) / len(rows),
-        "per_trial_median_s": {k: statistics.median(r[k] for r in rows) for k in rows[0] if k not in ("trial", "group")},
+        "per_trial_median_s": {k: statistics.median(r[k] for r in rows) for k in rows[0]
+                               if k not in ("trial", "group")},
         "trials_timed": rows,
     }
     print(f"{recipe.name}: {len(rows)} trials x {args.steps} steps in {len(groups)} group(s), {args.concurrent} at "

@@ -9,6 +9,7 @@ with the sweep; Tune stopping a member's trial ends that trial alone.
 """
 
 import hashlib
+import json
 import os
 import queue
 import threading
@@ -21,6 +22,7 @@ from mlflow import MlflowClient
 from ray.train.torch import TorchTrainer
 
 from palp_trainer.config import GROUP_KNOBS, group_key
+from palp_trainer.storage import join, read_text, write_text
 
 from .connect import TRIAL_ACTOR
 from .recipe import Recipe
@@ -29,6 +31,8 @@ from .tracking import Tracking, end_run, fail_run
 from .trial import scaling_config, start_trial
 
 NAMESPACE = "palp-sweep"
+LEDGER = "groups.json"  # in the experiment folder: trial id -> its group's Ray Train run name
+RESUMED = "resumed:"  # a forming key: the earlier group a resumed member belongs to
 WAIT_S = 20.0  # a group forms when full, when all its expected members joined, or this long after the last join
 RELAY_POLL_S = 10.0
 
@@ -61,6 +65,10 @@ class Coordinator:
     def __init__(self, recipe: Recipe, storage_path: str, expected: dict[str, int] | None, name: str):
         self.recipe, self.storage_path, self.expected, self.name = recipe, storage_path, expected, name
         self.size = recipe.resources.trials_per_group
+        # trial id -> the group it trained in, from earlier runs of this sweep (`--resume`): a member that comes
+        # back rejoins that group, whose checkpoints hold it (and the members that will not come back)
+        self.ledger = join(storage_path, recipe.name, LEDGER)
+        self.earlier: dict[str, str] = json.loads(read_text(self.ledger) or "{}")
         self.lock = threading.Lock()
         self.forming: dict[str, list[tuple[str, dict]]] = {}  # key -> [(trial id, TrainConfig dict)]
         self.joined: dict[str, int] = {}
@@ -77,10 +85,14 @@ class Coordinator:
     def join(self, key: str, trial_id: str, config: dict) -> None:
         with self.lock:
             self.inbox.setdefault(trial_id, queue.Queue())
+            if trial_id in self.earlier:  # resumed: its group again, by name
+                key = RESUMED + self.earlier[trial_id]
+                expected = sum(1 for g in self.earlier.values() if RESUMED + g == key)
+            else:
+                expected = (self.expected or {}).get(key)
             self.forming.setdefault(key, []).append((trial_id, config))
             self.joined[key] = self.joined.get(key, 0) + 1
             self.last_join[key] = time.monotonic()
-            expected = (self.expected or {}).get(key)
             if len(self.forming[key]) >= self.size or (expected and self.joined[key] >= expected):
                 self._launch(key)
 
@@ -96,8 +108,14 @@ class Coordinator:
     def _launch(self, key: str) -> None:
         members = sorted(self.forming.pop(key))  # in trial-id order (the grid's): reports reach ASHA in it
         ids = [trial_id for trial_id, _ in members]
+        # named by its first members (a resumed sweep finds the group's checkpoints by this name)
+        name = key.removeprefix(RESUMED) if key.startswith(RESUMED) else \
+            "group-" + hashlib.sha256(" ".join(ids).encode()).hexdigest()[:12]
+        self.earlier.update({trial_id: name for trial_id in ids})
+        write_text(self.ledger, json.dumps(self.earlier, indent=1))
         runner, self.spare = self.spare, self._runner()
-        self.running[runner.fit.remote(self.recipe, self.storage_path, ids, [c for _, c in members], self.name)] = ids
+        self.running[runner.fit.remote(self.recipe, self.storage_path, name, ids, [c for _, c in members],
+                                       self.name)] = ids
 
     def _watch(self) -> None:
         """Form the groups that waited long enough; tell the members of a failed group why."""
@@ -123,14 +141,14 @@ class Coordinator:
 class GroupRunner:
     """Runs one group's TorchTrainer (an actor of its own, so that Tune stopping a member does not end it)."""
 
-    def fit(self, recipe: Recipe, storage_path: str, trial_ids: list[str], configs: list[dict], coordinator: str):
-        name = "group-" + hashlib.sha256(" ".join(sorted(trial_ids)).encode()).hexdigest()[:12]
+    def fit(self, recipe: Recipe, storage_path: str, name: str, trial_ids: list[str], configs: list[dict],
+            coordinator: str):
         trainer = TorchTrainer(
             train_group_worker,
             train_loop_config={"members": configs, "trial_ids": trial_ids, "coordinator": coordinator},
             scaling_config=scaling_config(recipe),
             run_config=ray.train.RunConfig(
-                name=name,  # the same members (a resumed sweep) find the group's checkpoints
+                name=name,  # a resumed sweep's members find the group's checkpoints
                 storage_path=os.path.join(storage_path, recipe.name, "train"),
                 failure_config=ray.train.FailureConfig(max_failures=recipe.resources.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.resources.checkpoints_to_keep),
@@ -143,12 +161,12 @@ def train_group_worker(config: dict) -> None:
     """Each worker of a group's TorchTrainer: the group loop, with rank 0's messages to the members' trials."""
     from palp_trainer.group_loop import train_group
 
-    coordinator, ids = ray.get_actor(config["coordinator"], namespace=NAMESPACE), config["trial_ids"]
+    coordinator = ray.get_actor(config["coordinator"], namespace=NAMESPACE)
 
-    def send(member: int, kind: str, payload) -> None:
-        ray.get(coordinator.send.remote(ids[member], kind, payload))  # in order: each arrives before the next
+    def send(trial_id: str, kind: str, payload) -> None:
+        ray.get(coordinator.send.remote(trial_id, kind, payload))  # in order: each arrives before the next
 
-    train_group(config["members"], send)
+    train_group(config["members"], config["trial_ids"], send)
 
 
 def run_member(params: dict, recipe: Recipe, storage_path: str, tracking: Tracking) -> None:

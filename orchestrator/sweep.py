@@ -174,9 +174,9 @@ def scheduler(recipe: Recipe):
 
 
 def build_tuner(recipe: Recipe, storage: str, resume: bool, tracking: Tracking) -> tune.Tuner:
-    grouped = recipe.resources.trials_per_group > 1
+    function = run_member if recipe.resources.trials_per_group > 1 else run_trial
     trainable = tune.with_resources(
-        tune.with_parameters(run_member if grouped else run_trial, recipe=recipe, storage_path=storage, tracking=tracking),
+        tune.with_parameters(function, recipe=recipe, storage_path=storage, tracking=tracking),
         {k.lower(): v for k, v in TRIAL_ACTOR.items()})  # on the head; it only waits on its TorchTrainer
     experiment = os.path.join(storage, recipe.name)
     # a checkpoint reported before a trial's first evaluation carries no score yet (train_loop); the scheduler

@@ -25,7 +25,7 @@ from .loop import (DTYPES, _evaluate, _keep_metrics_until, _placement, build, lo
 from .stopwatch import Stopwatch
 
 STATE_FILE = "group_state.pt"
-# (member index, kind, payload): "report" a milestone's metrics; "done" the final metrics after export;
+# (trial id, kind, payload): "report" a milestone's metrics; "done" the final metrics after export;
 # "error" one line, for a member that left the group on a non-finite loss
 Send = Callable[[int, str, dict | str], None]
 
@@ -39,16 +39,21 @@ def _member_output(config: TrainConfig) -> Path:
 
 
 def save_group_checkpoint(directory: Path, step: int, model: GroupModel, active: list[int], optimizer,
-                          generator: torch.Generator) -> Path:
-    """Every member's LoRA and rows, who is still training, the optimizer and the RNG states (weights_only)."""
-    torch.save({"step": step, "active": list(active), "members": model.members.state_dict(),
-                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state()}, directory / STATE_FILE)
+                          generator: torch.Generator, configs: list[dict], trial_ids: list[str]) -> Path:
+    """Every member (its config, trial id, LoRA and rows), who is still training, the optimizer and the RNG states;
+    plain tensors and Python (loads with weights_only)."""
+    torch.save({"step": step, "active": list(active), "configs": configs, "trial_ids": list(trial_ids),
+                "members": model.members.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, directory / STATE_FILE)
     return directory
 
 
-def load_group_checkpoint(directory: Path, model: GroupModel, optimizer, generator) -> tuple[int, list[int]]:
-    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+def load_group_checkpoint(directory: Path) -> dict:
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def restore(state: dict, model: GroupModel, optimizer, generator) -> tuple[int, list[int]]:
+    """A group checkpoint into the live objects (built for its members); returns (step, active members)."""
     model.members.load_state_dict(state["members"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
@@ -56,13 +61,24 @@ def load_group_checkpoint(directory: Path, model: GroupModel, optimizer, generat
     return state["step"], state["active"]
 
 
-def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> dict[int, dict]:
-    """Train a group of members (group.member_configs); returns member -> its last metrics."""
+def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: Send | None = None) -> dict[int, dict]:
+    """Train a group of members (group.member_configs), trials `trial_ids`; returns member -> its last metrics.
+
+    Restarted from a checkpoint, the group is the one the checkpoint holds: after `--resume` only some members may
+    come back (ASHA stopped the others, or they finished); those keep training, the rest stay where they left."""
     watch = Stopwatch()
-    configs = member_configs([localized(TrainConfig.from_dict(c) if isinstance(c, dict) else c) for c in configs])
-    config, k = configs[0], len(configs)
-    send = send or (lambda m, kind, payload: None)
+    send = send or (lambda trial_id, kind, payload: None)
     train, rank, world, device = _placement()
+    raw = [c.to_dict() if isinstance(c, TrainConfig) else c for c in configs]
+    here = set(trial_ids)
+    checkpoint = train.get_checkpoint() if train is not None else None
+    state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_group_checkpoint(Path(directory))
+        raw, trial_ids = state["configs"], state["trial_ids"]
+    configs = member_configs([localized(TrainConfig.from_dict(c)) for c in raw])
+    config, k = configs[0], len(configs)
     dtype = DTYPES[config.precision]
     torch.manual_seed(config.seed)  # the LoRA initialisation every member's trial would start from
     with watch("base"):
@@ -83,12 +99,12 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
     generator = torch.Generator().manual_seed(config.seed)
 
     step = 0
-    checkpoint = train.get_checkpoint() if train is not None else None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            step, task.active = load_group_checkpoint(Path(directory), group, optimizer, generator)
+    if state is not None:
+        step, active = restore(state, group, optimizer, generator)
+        task.active = [m for m in active if trial_ids[m] in here]
         if rank == 0:
-            print(f"palp: group resumed from the checkpoint at step {step}", flush=True)
+            print(f"palp: group resumed from the checkpoint at step {step} with {len(task.active)} of its "
+                  f"{len(active)} training members", flush=True)
     outputs = [_member_output(c) for c in configs]
     logs = [None] * k
     if rank == 0:
@@ -117,7 +133,7 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
                     task.active.remove(m)  # diverged: this member fails alone, the others train on
                     bad = ", ".join(f"{n} is {v}" for n, v in terms.items())
                     if rank == 0:
-                        send(m, "error", f"step {step}: {bad}")
+                        send(trial_ids[m], "error", f"step {step}: {bad}")
                     continue
                 metrics[m] = {"step": step, **terms, "loss": sum(terms.values()),
                               "train_seconds": time.perf_counter() - started}
@@ -137,7 +153,8 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
             with watch("checkpoint"), tempfile.TemporaryDirectory() as tmp:
                 checkpoint_dir = None
                 if rank == 0:
-                    checkpoint_dir = save_group_checkpoint(Path(tmp), step, group, task.active, optimizer, generator)
+                    checkpoint_dir = save_group_checkpoint(Path(tmp), step, group, task.active, optimizer, generator,
+                                                           raw, trial_ids)
                     for m in task.active:  # what the checkpoint covers is durable with it
                         publish(outputs[m], configs[m])
                         if logs[m]:
@@ -150,7 +167,7 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
             for m in task.active:
                 metrics[m].update(last_eval[m], time_total_s=time.perf_counter() - started)
                 if rank == 0 and step < config.steps:
-                    send(m, "report", metrics[m])
+                    send(trial_ids[m], "report", metrics[m])
             if step < config.steps:
                 with watch("decision"):  # every rank reads the same decisions, so all drop the same members
                     stopped = [m for m in task.active if configs[m].scheduler_key
@@ -173,7 +190,7 @@ def train_group(configs: list[TrainConfig | dict], send: Send | None = None) -> 
                     logs[m].flush()
                     logs[m].artifacts(outputs[m] / "adapter", "adapter")
             _log_times(logs[m], step, watch, k)
-            send(m, "done", metrics[m])
+            send(trial_ids[m], "done", metrics[m])
     return metrics
 
 

@@ -86,3 +86,19 @@ def cached(uri: str) -> Path:
                 raise FileNotFoundError(f"{uri}: not found in storage")
             done.touch()
     return target
+
+
+def read_text(uri: str) -> str | None:
+    """A small text file's contents (local path or storage URI); None when there is none."""
+    if not exists(uri):
+        return None
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())

@@ -141,18 +141,20 @@ def test_killed_worker_resumes_from_its_checkpoint_and_logs_each_step_once(tmp_p
     assert child.info.status == "FINISHED" and len(versions(uri)) == 1
 
 
+def group_checkpoint(tmp_path: Path) -> int:
+    """The step of the trial group's last checkpoint Ray Train's controller has taken in (it polls its workers)."""
+    found = list((tmp_path / "runs" / "smoke" / "train").glob("group-*/checkpoint_manager_snapshot.json"))
+    latest = (json.loads(found[0].read_text()).get("latest_checkpoint_result") or {}) if found else {}
+    return latest.get("metrics", {}).get("step", 0)
+
+
 def test_a_killed_group_worker_restores_every_member_from_the_group_checkpoint(tmp_path):
     """Two trials in one trial group (orchestrator/groups.py); its worker killed after the step-10 checkpoint: Ray
     Train restarts the group, both members resume at step 10, each logs every step once and ends with its adapter."""
     sweep = start_sweep(tmp_path, "search.alignment=palp", "search.alpha=[3.0, 12.0]", "search.steps=[10,200]",
                         "scheduler.type=fifo", "eval.methods=[cfg]", "resources.trials_per_group=2",
                         "resources.max_concurrent_trials=null")
-    def registered() -> int:  # the step of the last checkpoint Ray Train's controller has taken in (it polls)
-        found = list((tmp_path / "runs" / "smoke" / "train").glob("group-*/checkpoint_manager_snapshot.json"))
-        latest = json.loads(found[0].read_text()).get("latest_checkpoint_result") or {} if found else {}
-        return latest.get("metrics", {}).get("step", 0)
-
-    wait_for(lambda: registered() == 10, what="the group's step-10 checkpoint, registered")
+    wait_for(lambda: group_checkpoint(tmp_path) == 10, what="the group's step-10 checkpoint, registered")
     train_worker(sweep).kill()
     code, out = finish(sweep)
     assert code == 0, out[-3000:]
@@ -169,6 +171,37 @@ def test_a_killed_group_worker_restores_every_member_from_the_group_checkpoint(t
         assert child.info.status == "FINISHED"
         history = MlflowClient(uri).get_metric_history(child.info.run_id, "denoise_loss")
         assert sorted(m.step for m in history) == list(range(1, 201))
+
+
+def test_resume_restores_a_group_without_the_member_asha_stopped(tmp_path):
+    """A group of 2; ASHA stops the weaker member at step 4; Ctrl-C at step 10+; `--resume`: the other member
+    comes back alone, restores from the group's step-4 checkpoint (which holds both) and finishes; the stopped
+    member stays at step 4. Nothing is trained twice in MLflow or metrics.jsonl, one version is registered."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # α 12 reports first and scores higher at step 4 on this tiny model (as in tests/test_group_sweep.py)
+    args = ("search.alignment=palp", "search.alpha=[12.0, 3.0]", "search.steps=[4,200]", "eval.methods=[cfg]",
+            "resources.trials_per_group=2", "resources.max_concurrent_trials=null")
+    sweep = start_sweep(tmp_path, *args)
+    wait_for(lambda: group_checkpoint(tmp_path) == 4, what="the group's step-4 checkpoint, registered")
+    wait_for(reached(tmp_path, 10), what="step 10")
+    os.killpg(sweep.pid, signal.SIGINT)
+    code, out = finish(sweep)
+    assert code == 130, out[-3000:]
+
+    code, out = finish(start_sweep(tmp_path, *args, resume=True))
+    assert code == 0, out[-3000:]
+    assert "palp: group resumed from the checkpoint at step 4 with 1 of its 2 training members" in out
+    steps = {}
+    for child in runs(uri)[1]:
+        alpha = float(child.data.params["alpha"])
+        assert child.info.status == "FINISHED"
+        history = MlflowClient(uri).get_metric_history(child.info.run_id, "denoise_loss")
+        steps[alpha] = sorted(m.step for m in history)
+    assert steps == {12.0: list(range(1, 201)), 3.0: list(range(1, 5))}
+    files = {last_step(f): f for f in trial_files(tmp_path, "metrics.jsonl")}
+    assert sorted(files) == [4, 200]
+    assert [json.loads(line)["step"] for line in files[200].read_text().splitlines()] == list(range(1, 201))
+    assert len(versions(uri)) == 1
 
 
 def test_sigint_exits_130_registers_nothing_and_resume_completes(tmp_path):

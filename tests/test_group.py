@@ -8,9 +8,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from palp_trainer.data import SubjectLatents
-from palp_trainer.config import group_key
+from palp_trainer.config import TrainConfig, group_key
 from palp_trainer.group import GroupModel, GroupTask, group_step, make_group_optimizer, member_configs
-from palp_trainer.group_loop import load_group_checkpoint, save_group_checkpoint
+from palp_trainer.group_loop import load_group_checkpoint, restore, save_group_checkpoint
 from palp_trainer.loop import build, make_optimizer, train_step
 from palp_trainer.task import FastPaths, PalpModel, PalpTask
 from palp_trainer.tiny import SD1_SCHEDULER
@@ -162,12 +162,15 @@ def test_a_group_checkpoint_restores_every_member(subject_images, tmp_path):
     for s in range(2):
         group_step(task, data, optimizer, generator, 2, step=s)
         task.active = [0, 2]
-    save_group_checkpoint(tmp_path, 2, model, task.active, optimizer, generator)
+    save_group_checkpoint(tmp_path, 2, model, task.active, optimizer, generator, [c.to_dict() for c in configs],
+                          ["a", "b", "c"])
     expected = group_step(task, data, optimizer, generator, 2, step=2)
 
     task, model, optimizer, data, generator = setup_group(configs)
-    step, task.active = load_group_checkpoint(tmp_path, model, optimizer, generator)
-    assert (step, task.active) == (2, [0, 2])
+    state = load_group_checkpoint(tmp_path)
+    step, task.active = restore(state, model, optimizer, generator)
+    assert (step, task.active, state["trial_ids"]) == (2, [0, 2], ["a", "b", "c"])
+    assert [TrainConfig.from_dict(c) for c in state["configs"]] == configs
     assert group_step(task, data, optimizer, generator, 2, step=2) == expected
 
 
