@@ -101,7 +101,11 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
     step = 0
     if state is not None:
         step, active = restore(state, group, optimizer, generator)
-        task.active = [m for m in active if trial_ids[m] in here]
+        # back: the members that came back (`--resume`), less any the scheduler stopped at the checkpoint's step
+        # (it was taken before the decision; a Ray Train restart hands the worker every member again)
+        task.active = [m for m in active if trial_ids[m] in here and not (
+            configs[m].scheduler_key and step in config.report_steps and step < config.steps
+            and scheduler_decision(configs[m].scheduler_key, step, wait_s=0) == "STOP")]
         if rank == 0:
             print(f"palp: group resumed from the checkpoint at step {step} with {len(task.active)} of its "
                   f"{len(active)} training members", flush=True)
@@ -180,6 +184,10 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
     bar.close()
     if rank == 0:
         for m in task.active:  # ran to the end
+            if not metrics[m]:  # restarted after the last step (export cut short): score it again
+                group.load_member(m)
+                metrics[m] = {"step": step, **(_evaluate(configs[m], base, step, outputs[m], logs[m])
+                                               if config.eval is not None else {})}
             with watch("export"):
                 group.load_member(m)
                 export_adapter(outputs[m] / "adapter", base.unet, embedding, manifest(configs[m], step, base))

@@ -156,19 +156,20 @@ def decision_key(scheduler_key: str, step: int) -> bytes:
     return f"{scheduler_key}/{step}".encode()
 
 
-def scheduler_decision(scheduler_key: str, step: int) -> str | None:
+def scheduler_decision(scheduler_key: str, step: int, wait_s: float = DECISION_WAIT_S) -> str | None:
     """The early-stopping scheduler's decision on this trial's report at `step` ("CONTINUE", "STOP"), waited
     for so that a stopped trial stops at its milestone, not whenever Tune's stop reaches its actors. Every
     rank reads the same key, so all stop at the same step."""
     from ray.experimental import internal_kv
 
-    deadline = time.monotonic() + DECISION_WAIT_S
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + wait_s
+    while True:
         found = internal_kv._internal_kv_get(decision_key(scheduler_key, step), namespace=DECISIONS)
         if found is not None:
             return found.decode()
+        if time.monotonic() >= deadline:
+            return None
         time.sleep(0.05)
-    return None
 
 
 def train_step(task: PalpTask, data, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
