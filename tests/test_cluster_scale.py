@@ -176,7 +176,9 @@ def test_a_lost_node_costs_at_most_one_checkpoint_interval(cloud, tmp_path):
     args = [str(BIN / "palp-sweep"), str(ROOT / "recipes/smoke.yaml"), "name=lossy",
             f"mlflow.tracking_uri={cloud.mlflow.uri}", f"storage_path={cloud.s3.uri('loss')}", "search.alignment=palp", f"search.steps=[{steps}]",
             f"train.checkpoint_every={every}", "scheduler.type=fifo", "eval.methods=[cfg]", "eval.num_images=1",
-            "--address", cloud.cluster.address]
+            # ~0.5 s a step: the `every` steps after a checkpoint outlast its registration (the controller polls
+            # every 2 s), so the kill below lands between a registered checkpoint and the next one
+            "train.batch_size=16", "--address", cloud.cluster.address]
     started = time.monotonic()
     # to a file, not a pipe: unread, a pipe fills (64 KiB of Ray's log lines) and the sweep blocks writing to it
     log = tmp_path / "sweep.log"
