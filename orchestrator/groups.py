@@ -35,6 +35,7 @@ LEDGER = "groups.json"  # in the experiment folder: trial id -> its group's Ray 
 RESUMED = "resumed:"  # a forming key: the earlier group a resumed member belongs to
 WAIT_S = 20.0  # a group forms when full, when all its expected members joined, or this long after the last join
 RELAY_POLL_S = 10.0
+ON_HEAD = {k: v for k, v in TRIAL_ACTOR.items() if k != "CPU"}  # the coordinator and group runners, like trial actors
 
 
 class GroupFailed(RuntimeError):
@@ -80,7 +81,7 @@ class Coordinator:
 
     @staticmethod
     def _runner():
-        return GroupRunner.options(num_cpus=0, resources={k: v for k, v in TRIAL_ACTOR.items() if k != "CPU"}).remote()
+        return GroupRunner.options(num_cpus=0, resources=ON_HEAD).remote()
 
     def join(self, key: str, trial_id: str, config: dict) -> None:
         with self.lock:
@@ -192,5 +193,5 @@ def start_coordinator(recipe: Recipe, storage_path: str):
     """The sweep's coordinator, owned by the driver (it and its groups end with the sweep)."""
     name = coordinator_name(recipe)
     return Coordinator.options(name=name, namespace=NAMESPACE, num_cpus=0,
-                               resources={k: v for k, v in TRIAL_ACTOR.items() if k != "CPU"}).remote(
+                               resources=ON_HEAD).remote(
         recipe, storage_path, expected_members(recipe), name)

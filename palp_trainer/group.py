@@ -11,7 +11,6 @@ AdamW updates each member's parameters from their own gradients: a member trains
 """
 
 import contextlib
-from dataclasses import replace
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -161,10 +160,10 @@ class GroupTask:
             return terms
         x0_hat = losses.predict_x0(x_t, self.as_eps(x_t, eps_pred.float(), t), alpha_bar)  # Eq. 2, with grad
         score = self.score(x0_hat, t, eps_align, prompt_enc.detach(), b)
-        weight = self._per_row("align_weight", b)[::b] * cfg.align_every
-        terms["align_loss"] = torch.stack([
-            weight[i] * losses.score_distillation(x0_hat[i * b:(i + 1) * b], score[i * b:(i + 1) * b])
-            for i in range(k)])
+        terms["align_loss"] = torch.stack([  # each member at its own λ, times k on every k-th step
+            self.configs[m].align_weight * cfg.align_every
+            * losses.score_distillation(x0_hat[i * b:(i + 1) * b], score[i * b:(i + 1) * b])
+            for i, m in enumerate(self.active)])
         return terms
 
     @torch.no_grad()
@@ -217,14 +216,14 @@ def make_group_optimizer(configs: list[TrainConfig], weights: MemberWeights) -> 
 
 
 def member_configs(configs: list[TrainConfig]) -> list[TrainConfig]:
-    """Refuse members that cannot share a group; returns them unchanged."""
+    """Refuse members that cannot share a group; returns them as they are."""
     keys = {group_key(c) for c in configs}
     if len(keys) > 1:
         raise ValueError(f"trial group: members may differ only in {', '.join(GROUP_KNOBS)}")
     if configs[0].precision == "fp16":
         raise ValueError("trial group: fp16's loss scale is shared, so one member's overflow would skip every "
                          "member's step; use bf16 or fp32")
-    return [replace(c) for c in configs]
+    return configs
 
 
 def group_step(task: GroupTask, data, optimizer: torch.optim.Optimizer, generator: torch.Generator,
