@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     config = bench_config(args.tiny, out, batch_size=1, alignment="palp")
     dtype = loop.DTYPES[config.precision]
     base = random_base(device, args.tiny)
-    embedding = add_placeholders(base.tokenizer, base.text_encoder, config.tokens, ("cat",))
+    embedding = add_placeholders(base, config.tokens, ("cat",))
     lora = add_lora(base.unet, config.rank)
     for module in (base.unet, base.text_encoder, base.vae):
         for q in module.parameters():
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     data = RandomLatents(8, config.resolution // (2 if args.tiny else 8), device, dtype)
     generator = torch.Generator().manual_seed(0)
 
-    task = PalpTask(config, base, PalpModel(base.unet, base.text_encoder), embedding.first_id, device, dtype)
+    task = PalpTask(config, base, PalpModel(base), embedding.first_id, device, dtype)
     optimizer = loop.make_optimizer(config, lora, embedding)
     counter = iter(range(10**9))
     single = timed(lambda: loop_step(task, data, optimizer, generator, 1, next(counter)), args.steps, args.repeats,

@@ -194,7 +194,7 @@ def run_one(base, embedding, lora_params, device, dtype, args, variant: str, mod
     if not fast.channels_last:  # a previous run may have left the UNet in NHWC
         base.unet.to(memory_format=torch.contiguous_format)
     data = RandomLatents(8, config.resolution // 8 if not args.tiny else config.resolution // 2, device, dtype)
-    model = PalpModel(base.unet, base.text_encoder)
+    model = PalpModel(base)
     optimizer = loop.make_optimizer(config, lora_params, embedding)
     if "+fused_adamw" in variant:  # the same groups, one fused kernel instead of foreach launches
         optimizer = torch.optim.AdamW([{k: g[k] for k in ("params", "lr", "weight_decay")} for g in optimizer.param_groups],

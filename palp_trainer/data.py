@@ -65,9 +65,15 @@ def _to_rgb(im: Image.Image, file_format: str | None, path: Path) -> Image.Image
 
 def crop_image(path: str | Path, resolution: int, allow_upscale: bool = False) -> Image.Image:
     """Resize the short side to `resolution`, center-crop: what training and CLIP-I / DINO see of an image."""
+    return _crop(path, resolution, allow_upscale)[0]
+
+
+def _crop(path: str | Path, resolution: int, allow_upscale: bool) -> tuple[Image.Image, list[int], list[int]]:
+    """`crop_image`, and its size conditioning as SDXL reads it, for the crop and for its mirror: original (h, w),
+    crop top-left (y, x) in the resized image, target (h, w) (diffusers' SDXL training scripts)."""
     path = Path(path)
     im = read_image(path)
-    w, h = im.size
+    w, h = original = im.size
     if min(w, h) < resolution and not allow_upscale:
         raise DataError(f"image {path} is {w}x{h}, smaller than resolution {resolution}; "
                         "set allow_upscale: true (train.allow_upscale in a recipe) to upscale it")
@@ -75,14 +81,19 @@ def crop_image(path: str | Path, resolution: int, allow_upscale: bool = False) -
     im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
     w, h = im.size
     left, top = (w - resolution) // 2, (h - resolution) // 2
-    return im.crop((left, top, left + resolution, top + resolution))
+    sizes = [original[1], original[0], top, left, resolution, resolution]
+    mirror = [original[1], original[0], top, w - resolution - left, resolution, resolution]
+    return im.crop((left, top, left + resolution, top + resolution)), sizes, mirror
+
+
+def _pixels(im: Image.Image) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+    return x.permute(2, 0, 1).contiguous()
 
 
 def load_image(path: str | Path, resolution: int, allow_upscale: bool = False) -> torch.Tensor:
     """`crop_image` as [3, H, W] in [-1, 1]."""
-    im = crop_image(path, resolution, allow_upscale)
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
-    return x.permute(2, 0, 1).contiguous()
+    return _pixels(crop_image(path, resolution, allow_upscale))
 
 
 class SubjectLatents:
@@ -93,22 +104,33 @@ class SubjectLatents:
 
     def __init__(self, vae, image_sets: list[tuple[str, ...]], resolution: int, flip: bool,
                  allow_upscale: bool, device: torch.device, dtype: torch.dtype):
-        pixels, subject = [], []
+        pixels, subject, sizes, mirrors = [], [], [], []
         for s, files in enumerate(image_sets):
             for f in files:
-                pixels.append(load_image(f, resolution, allow_upscale))
+                im, size, mirror = _crop(f, resolution, allow_upscale)
+                pixels.append(_pixels(im))
                 subject.append(s)
+                sizes.append(size)
+                mirrors.append(mirror)
         x = torch.stack(pixels)  # [N, 3, H, W]
         if flip:
             x = torch.cat([x, x.flip(-1)])
             subject = subject + subject
+            sizes = sizes + mirrors
+        vae_dtype = next(vae.parameters()).dtype
+        # a VAE that overflows in fp16 (config.force_upcast: SDXL's) encodes in fp32, as its pipeline decodes
+        upcast = vae_dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         with torch.no_grad():
-            vae_dtype = next(vae.parameters()).dtype
-            latents = [vae.encode(chunk.to(device, vae_dtype)).latent_dist.mean
+            if upcast:
+                vae.to(torch.float32)
+            latents = [vae.encode(chunk.to(device, torch.float32 if upcast else vae_dtype)).latent_dist.mean
                        for chunk in x.split(8)]
+            if upcast:
+                vae.to(vae_dtype)
         # [N(*2), 4, H/8, W/8], scaled to unit variance as the UNet expects
         self.latents = (torch.cat(latents) * vae.config.scaling_factor).to(dtype)
         self.subject = torch.tensor(subject, device=device)  # [N(*2)] subject index per latent
+        self.time_ids = torch.tensor(sizes, dtype=torch.float32, device=device)  # [N(*2), 6] (SDXL's add_time_ids)
         self.num_subjects = len(image_sets)
 
     def draw(self, generator: torch.Generator, n: int, uniform_subjects: bool) -> torch.Tensor:

@@ -219,7 +219,7 @@ def load_adapter(directory: str | Path, device: torch.device | str = "cpu") -> t
     manifest = read_manifest(directory)
     base = load_base(manifest["base_model"])
     tokens = tuple(manifest["tokens"])
-    embedding = add_placeholders(base.tokenizer, base.text_encoder, tokens,
+    embedding = add_placeholders(base, tokens,
                                  tuple(manifest["placeholders"][t] for t in tokens))
     add_lora(base.unet, manifest["rank"], manifest["lora_alpha"])
     load_weights(directory, base.unet, embedding)

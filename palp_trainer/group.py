@@ -19,7 +19,7 @@ from torch import nn
 from . import losses
 from .config import GROUP_KNOBS, TrainConfig, group_key
 from .models import Base
-from .task import NFSD_NEGATIVE, PalpTask, tokenize
+from .task import PalpTask, constant_encodings
 
 
 class MemberWeights(nn.Module):
@@ -45,7 +45,8 @@ class GroupModel(nn.Module):
     def __init__(self, base: Base, embedding, k: int):
         super().__init__()
         self.unet = base.unet
-        self.text_encoder = base.text_encoder
+        self.encoders = nn.ModuleList(base.encoders)
+        self.family = base.family
         self.embedding = embedding
         self.layers = [m for m in base.unet.modules() if isinstance(m, LoraLayer)]
         self.scaling = self.layers[0].scaling["default"]  # lora_alpha / rank, the same in every layer
@@ -85,10 +86,11 @@ class GroupModel(nn.Module):
             self.route, self.embedding.override = None, None
             self.unet.enable_adapters()
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, route: list[int]):
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, time_ids: torch.Tensor,
+                route: list[int]):
         with self.routed(route, route):
-            enc = self.text_encoder(ids)[0]  # [K·B, 77, d]
-            return self.unet(x_t, t, enc).sample, enc
+            enc = self.family.encode(self.encoders, ids, time_ids)  # [K·B, 77(+1), d]
+            return self.family.denoise(self.unet, x_t, t, enc), enc
 
     @torch.no_grad()
     def load_member(self, m: int) -> None:
@@ -115,11 +117,13 @@ class GroupTask:
         self.n_tokens = len(self.config.tokens)
         self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(device)
         self.v_prediction = base.noise_scheduler.config.prediction_type == "v_prediction"
-        self.prompt_ids = tokenize(base.tokenizer, [s.prompt for s in self.config.subjects], device)
-        with torch.no_grad(), self.autocast():
-            self.clean_enc, self.empty_enc, self.negative_enc = (
-                base.text_encoder(tokenize(base.tokenizer, [p], device))[0]
-                for p in (self.config.clean_prompt, "", NFSD_NEGATIVE))
+        self.family = base.family
+        if len({e.get_input_embeddings().first_id for e in base.encoders}) > 1:
+            raise ValueError("trial group: the placeholders' ids differ between the base's tokenizers")
+        self.prompt_ids = self.family.tokenize(base, [s.prompt for s in self.config.subjects], device)
+        self.sample_time_ids = self.family.default_time_ids(self.config.resolution).to(device)
+        self.empty_enc, self.clean_enc, self.negative_enc = constant_encodings(base, self.config, device,
+                                                                               self.autocast())
 
     def make_batch(self, generator, latents, global_batch, rank=0, world_size=1) -> dict[str, torch.Tensor]:
         """The batch every member's trial would draw alone (PalpTask.make_batch: the same generator and draws)."""
@@ -130,6 +134,9 @@ class GroupTask:
 
     def as_eps(self, x_t, pred, t):
         return PalpTask.as_eps(self, x_t, pred, t)
+
+    def denoise(self, x, t, cond):
+        return PalpTask.denoise(self, x, t, cond)
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -142,24 +149,27 @@ class GroupTask:
                             device=self.device).repeat_interleave(b)
 
     def loss_terms(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, eps_align: torch.Tensor,
-                   subject: torch.Tensor, align: bool = True) -> dict[str, torch.Tensor]:
+                   subject: torch.Tensor, time_ids: torch.Tensor, align: bool = True) -> dict[str, torch.Tensor]:
         """One batch (B rows, drawn once) for every active member: {"denoise_loss": [K], ["align_loss": [K]]}."""
         cfg, k, b = self.config, len(self.active), len(x0)
-        x0, eps, t, eps_align, subject = (v.repeat(k, *[1] * (v.dim() - 1)) for v in (x0, eps, t, eps_align, subject))
+        x0, eps, t, eps_align, subject, time_ids = (v.repeat(k, *[1] * (v.dim() - 1))
+                                                    for v in (x0, eps, t, eps_align, subject, time_ids))
         blocks = torch.arange(k, device=self.device).repeat_interleave(b)  # [K·B]: row -> block
-        ids = self.prompt_ids[subject]
-        ids = torch.where(ids >= self.first_id, ids + (blocks * self.n_tokens)[:, None], ids)
+        ids = self.prompt_ids[subject]  # [K·B, (2,) 77]
+        offset = (blocks * self.n_tokens).view(-1, *[1] * (ids.dim() - 1))
+        ids = torch.where(ids >= self.first_id, ids + offset, ids)
         alpha_bar = self.alphas_cumprod[t]
         x_t = losses.add_noise(x0, eps, alpha_bar)
         with self.autocast():
-            eps_pred, prompt_enc = self.model(x_t.to(self.dtype), t, ids, self.active)
+            eps_pred, prompt_enc = self.model(x_t.to(self.dtype), t, ids, time_ids, self.active)
         target = losses.v_target(x0, eps, alpha_bar) if self.v_prediction else eps
         terms = {"denoise_loss": torch.stack([losses.denoise(eps_pred[i * b:(i + 1) * b], target[i * b:(i + 1) * b])
                                               for i in range(k)])}
         if not (align and cfg.alignment != "none"):
             return terms
         x0_hat = losses.predict_x0(x_t, self.as_eps(x_t, eps_pred.float(), t), alpha_bar)  # Eq. 2, with grad
-        score = self.score(x0_hat, t, eps_align, prompt_enc.detach(), b)
+        prompt_enc = self.family.retime(prompt_enc.detach(), self.sample_time_ids)  # as PalpTask.loss_terms
+        score = self.score(x0_hat, t, eps_align, prompt_enc, b)
         terms["align_loss"] = torch.stack([  # each member at its own λ, times k on every k-th step
             self.configs[m].align_weight * cfg.align_every
             * losses.score_distillation(x0_hat[i * b:(i + 1) * b], score[i * b:(i + 1) * b])
@@ -184,14 +194,14 @@ class GroupTask:
             return losses.sds_score(pretrained, eps_align, weight)
         if all(self.configs[m].beta == 1.0 for m in self.active):  # G^1 is the conditional call alone
             with self.autocast(), self.group.routed(self.active):
-                personalized = self.unet(x_hat_t.to(self.dtype), t, prompt_enc).sample.float()
+                personalized = self.denoise(x_hat_t.to(self.dtype), t, prompt_enc)
             return losses.palp_score(pretrained, self.as_eps(x_hat_t, personalized, t), weight)
         beta = self._per_row("beta", b).view(-1, 1, 1, 1)
         with self.autocast(), self.group.routed(self.active + self.active):  # [∅ | y_P] blocks, LoRA on
             n = len(x_hat_t)
             enc = torch.cat([self.empty_enc.expand(n, -1, -1).to(prompt_enc.dtype), prompt_enc])
             x2 = x_hat_t.repeat(2, 1, 1, 1).to(self.dtype)
-            uncond, cond = self.unet(x2, t.repeat(2), enc).sample.float().chunk(2)
+            uncond, cond = self.denoise(x2, t.repeat(2), enc).chunk(2)
         personalized = losses.cfg(self.as_eps(x_hat_t, uncond, t), self.as_eps(x_hat_t, cond, t), beta)
         return losses.palp_score(pretrained, personalized, weight)  # G^β_θLoRA(x̂_t, y_P)
 
@@ -200,7 +210,7 @@ class GroupTask:
         n, rows = len(encodings), len(x)
         with self.autocast(), self.group.routed(None):
             enc = torch.cat([e.expand(rows, -1, -1) for e in encodings])
-            out = self.unet(x.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), enc).sample.float().chunk(n)
+            out = self.denoise(x.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), enc).chunk(n)
         return tuple(self.as_eps(x, o, t) for o in out)
 
 
@@ -236,7 +246,7 @@ def group_step(task: GroupTask, data, optimizer: torch.optim.Optimizer, generato
     for micro in range(config.grad_accum):
         batch = task.make_batch(generator, data, global_batch)
         terms = task.loss_terms(batch["latents"], batch["eps"], batch["t"], batch["eps_align"], batch["subject"],
-                                align=task.aligns_at(step))
+                                batch["time_ids"], align=task.aligns_at(step))
         values = torch.stack(list(terms.values())).detach().float()  # [terms, K]; one host sync
         finite = torch.isfinite(values).all(0)
         for i, m in enumerate(task.active):

@@ -66,10 +66,9 @@ def build(config: TrainConfig, device: torch.device, base: Base | None = None):
     frozen weights in the compute dtype."""
     dtype = DTYPES[config.precision]
     base = base or load_base(config.base_model)
-    embedding = add_placeholders(base.tokenizer, base.text_encoder, config.tokens,
-                                 tuple(s.class_word for s in config.subjects))
+    embedding = add_placeholders(base, config.tokens, tuple(s.class_word for s in config.subjects))
     lora_params = add_lora(base.unet, config.rank, config.lora_alpha)
-    for module in (base.unet, base.text_encoder, base.vae):
+    for module in base.frozen:
         for p in module.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(dtype)  # trainables stay fp32 masters
@@ -80,6 +79,7 @@ def build(config: TrainConfig, device: torch.device, base: Base | None = None):
 def manifest(config: TrainConfig, step: int, base: Base | None = None) -> dict:
     return {
         "prediction_type": base.noise_scheduler.config.prediction_type if base else "epsilon",
+        "family": base.family.name if base else "sd",
         "base_model": config.base_model,
         "placeholders": {s.token: s.class_word for s in config.subjects},
         "tokens": list(config.tokens),
@@ -216,7 +216,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
         data = SubjectLatents(base.vae, [s.images for s in config.subjects], config.resolution, config.flip,
                               config.allow_upscale, device, dtype)
     with watch("task"):
-        model = PalpModel(base.unet, base.text_encoder)
+        model = PalpModel(base)
         if world > 1:
             import ray.train.torch
             model = ray.train.torch.prepare_model(model, move_to_device=False)

@@ -11,7 +11,9 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .config import PREDICTIONS
+from .family import SD1, SDXL, family_of
 from .tiny import SD1_SCHEDULER, build_tiny
+from .tiny_xl import build_tiny_xl
 
 WORLD_DIR = Path(__file__).parent / "assets" / "world"  # the pretrained world base (world_base.py), diffusers layout
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections (App. C)
@@ -27,6 +29,18 @@ class Base:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
+    family: SD1 = SD1()  # what differs between model families (family.py)
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL's second tokenizer and encoder (clip_g)
+    text_encoder_2: nn.Module | None = None
+
+    @property
+    def encoders(self) -> list[nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    @property
+    def frozen(self) -> list[nn.Module]:
+        """Every module of the base: all frozen but the LoRA and placeholder rows added to them."""
+        return [self.unet, *self.encoders, self.vae]
 
 
 def resolve_base(ref: str) -> str:
@@ -46,21 +60,19 @@ def load_base(ref: str = "tiny") -> Base:
         parts = build_tiny()
         base = Base(ref, parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
                     DDPMScheduler(**SD1_SCHEDULER))
+    elif ref == "tiny_xl":
+        parts = build_tiny_xl()
+        base = Base(ref, parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
+                    DDPMScheduler(**SD1_SCHEDULER), SDXL(), parts["tokenizer_2"], parts["text_encoder_2"])
     else:
-        base = Base(
-            name,
-            CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer"),
-            CLIPTextModel.from_pretrained(ref, subfolder="text_encoder"),
-            AutoencoderKL.from_pretrained(ref, subfolder="vae"),
-            UNet2DConditionModel.from_pretrained(ref, subfolder="unet"),
-            DDPMScheduler.from_pretrained(ref, subfolder="scheduler"),
-        )
+        family = family_of(ref)
+        base = Base(name, family=family, **family.load(ref))
     prediction = base.noise_scheduler.config.prediction_type
     if prediction not in PREDICTIONS:
         # Eq. 1-7 are written for ε; a v-model's outputs are converted (PalpTask.as_eps), an x_0-model's are not
         raise ValueError(f"base_model: {ref} uses prediction_type={prediction!r}; supported: "
                          f"{', '.join(PREDICTIONS)} (SD-1.x, SD-2.x base 512 and 768)")
-    for module in (base.text_encoder, base.vae, base.unet):
+    for module in base.frozen:
         module.requires_grad_(False)
         module.eval()
     return base
@@ -69,56 +81,90 @@ def load_base(ref: str = "tiny") -> Base:
 class PlaceholderEmbedding(nn.Module):
     """The text encoder's token embedding with trainable rows for the placeholder ids.
 
-    The base table stays frozen and bit-identical; ids >= `first_id` read from `rows` instead.
+    The base table stays frozen and bit-identical; ids >= `first_id` read from `rows` instead. With two text
+    encoders (SDXL) `rows` is [n, d_l + d_g]: this table reads `columns` of it and the second encoder's
+    `LinkedPlaceholderEmbedding` the rest, so one parameter (one optimizer entry, one checkpoint tensor, one
+    trial-group override) holds the placeholder in both, as diffusers' SDXL scripts train clip_l and clip_g.
     """
 
-    def __init__(self, base: nn.Embedding, first_id: int, init: torch.Tensor, tokens: tuple[str, ...]):
+    def __init__(self, base: nn.Embedding, first_id: int, init: torch.Tensor, tokens: tuple[str, ...],
+                 columns: slice = slice(None)):
         super().__init__()
         self.base = base
         self.first_id = first_id
         self.tokens = tokens  # row i is tokens[i]
+        self.columns = columns
         self.rows = nn.Parameter(init.clone().float())  # [n_placeholders, d], fp32 master
         # a trial group's member rows, [K·n_placeholders, d], stand in for `rows` while set (group.GroupModel)
         self.override: torch.Tensor | None = None
+
+    def current(self) -> torch.Tensor:
+        """This table's placeholder rows: its columns of `rows`, or of a trial group's override."""
+        return (self.rows if self.override is None else self.override)[:, self.columns]
 
     @property
     def weight(self) -> torch.Tensor:
         # transformers reads `.weight` (resize, dtype checks); expose the merged table, detached
         w = self.base.weight.detach().clone()
-        w[self.first_id:self.first_id + len(self.rows)] = self.rows.detach().to(w.dtype)
+        rows = self.current().detach()
+        w[self.first_id:self.first_id + len(rows)] = rows.to(w.dtype)
         return w
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_placeholder = input_ids >= self.first_id
         out = self.base(input_ids.clamp(max=self.first_id - 1))
-        rows = self.rows if self.override is None else self.override
-        picked = rows.to(out.dtype)[(input_ids - self.first_id).clamp(min=0)]
+        picked = self.current().to(out.dtype)[(input_ids - self.first_id).clamp(min=0)]
         return torch.where(is_placeholder[..., None], picked, out)
 
 
-def add_placeholders(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
-                     tokens: tuple[str, ...], class_words: tuple[str, ...]) -> PlaceholderEmbedding:
-    """Add [V1]..[Vn] as new tokens whose trainable rows start at their class word's embedding."""
-    existing = [t for t in tokens if t in tokenizer.get_vocab()]
-    if existing:
-        raise ValueError(f"placeholder {existing[0]!r} is already a token of the base tokenizer; pick another")
-    table = text_encoder.get_input_embeddings()
-    init = []
-    for token, word in zip(tokens, class_words):
-        ids = tokenizer(word, add_special_tokens=False).input_ids
-        if not ids:
-            raise ValueError(f"class word {word!r} of {token} tokenizes to nothing")
-        init.append(table.weight[ids].mean(0))  # multi-token class word: mean of its pieces
-    first_id = len(tokenizer)
-    tokenizer.add_tokens(list(tokens))
-    if tokenizer.convert_tokens_to_ids(list(tokens)) != list(range(first_id, first_id + len(tokens))):
-        raise RuntimeError("placeholder ids are not contiguous after add_tokens")
-    # grow the table so the ids are valid everywhere (pipelines, export); the new rows live in `rows`
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    table = text_encoder.get_input_embeddings()
-    table.weight.requires_grad_(False)
-    embedding = PlaceholderEmbedding(table, first_id, torch.stack(init), tuple(tokens))
-    text_encoder.set_input_embeddings(embedding)
+class LinkedPlaceholderEmbedding(PlaceholderEmbedding):
+    """A second text encoder's table whose placeholder rows are `columns` of another table's `rows`."""
+
+    def __init__(self, base: nn.Embedding, first_id: int, owner: PlaceholderEmbedding, columns: slice):
+        nn.Module.__init__(self)
+        self.base = base
+        self.first_id = first_id
+        self.tokens = owner.tokens
+        self.columns = columns
+        self.owner = (owner,)  # a tuple: not a submodule, so the rows are registered (and synced) once
+
+    def current(self) -> torch.Tensor:
+        owner = self.owner[0]
+        return (owner.rows if owner.override is None else owner.override)[:, self.columns]
+
+
+def add_placeholders(base: Base, tokens: tuple[str, ...], class_words: tuple[str, ...]) -> PlaceholderEmbedding:
+    """Add [V1]..[Vn] as new tokens to every tokenizer of `base`; their trainable rows start at their class word's
+    embedding in each encoder. Returns the table that owns the rows (the first encoder's)."""
+    tables, firsts, inits = [], [], []
+    for tokenizer, encoder in zip((base.tokenizer, base.tokenizer_2), base.encoders):
+        existing = [t for t in tokens if t in tokenizer.get_vocab()]
+        if existing:
+            raise ValueError(f"placeholder {existing[0]!r} is already a token of the base tokenizer; pick another")
+        table = encoder.get_input_embeddings()
+        init = []
+        for token, word in zip(tokens, class_words):
+            ids = tokenizer(word, add_special_tokens=False).input_ids
+            if not ids:
+                raise ValueError(f"class word {word!r} of {token} tokenizes to nothing")
+            init.append(table.weight[ids].mean(0))  # multi-token class word: mean of its pieces
+        first_id = len(tokenizer)
+        tokenizer.add_tokens(list(tokens))
+        if tokenizer.convert_tokens_to_ids(list(tokens)) != list(range(first_id, first_id + len(tokens))):
+            raise RuntimeError("placeholder ids are not contiguous after add_tokens")
+        # grow the table so the ids are valid everywhere (pipelines, export); the new rows live in `rows`
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        table = encoder.get_input_embeddings()
+        table.weight.requires_grad_(False)
+        tables.append(table)
+        firsts.append(first_id)
+        inits.append(torch.stack(init))
+    widths = [t.embedding_dim for t in tables]
+    embedding = PlaceholderEmbedding(tables[0], firsts[0], torch.cat(inits, -1), tuple(tokens), slice(0, widths[0]))
+    base.text_encoder.set_input_embeddings(embedding)
+    if base.text_encoder_2 is not None:
+        base.text_encoder_2.set_input_embeddings(
+            LinkedPlaceholderEmbedding(tables[1], firsts[1], embedding, slice(widths[0], sum(widths))))
     return embedding
 
 

@@ -21,14 +21,15 @@ class PalpModel(nn.Module):
     DDP wraps this module, so the LoRA and the placeholder rows sync together in one backward.
     """
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module):
+    def __init__(self, base: Base):
         super().__init__()
-        self.unet = unet
-        self.text_encoder = text_encoder
+        self.unet = base.unet
+        self.encoders = nn.ModuleList(base.encoders)  # the first holds the placeholder rows
+        self.family = base.family
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor):
-        enc = self.text_encoder(ids)[0]  # [B, 77, d]
-        return self.unet(x_t, t, enc).sample, enc
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, time_ids: torch.Tensor):
+        enc = self.family.encode(self.encoders, ids, time_ids)  # [B, 77(+1), d]
+        return self.family.denoise(self.unet, x_t, t, enc), enc
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,6 @@ class FastPaths:
         )
 
 
-def tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids.to(device)
-
-
 class PalpTask:
     """`training_step(batch)` returns the named loss terms; their sum is the training loss."""
 
@@ -95,14 +91,13 @@ class PalpTask:
         self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(device)  # [1000], fp32
         # SD-2.x 768 predicts v: Eq. 1 on v's target, and every output read as the ε it stands for (x̂_0, Eq. 4-7)
         self.v_prediction = base.noise_scheduler.config.prediction_type == "v_prediction"
-        self.prompt_ids = tokenize(base.tokenizer, [s.prompt for s in config.subjects], device)  # [S, 77]
-        # The pre-trained branch's prompts never contain a placeholder, so their encodings are constant.
-        self.clean_ids = tokenize(base.tokenizer, [config.clean_prompt], device)
-        self.empty_ids = tokenize(base.tokenizer, [""], device)
-        self.negative_ids = tokenize(base.tokenizer, [NFSD_NEGATIVE], device)
-        with torch.no_grad(), self.autocast():
-            self.clean_enc, self.empty_enc, self.negative_enc = (
-                base.text_encoder(ids)[0] for ids in (self.clean_ids, self.empty_ids, self.negative_ids))
+        self.family = base.family
+        self.prompt_ids = self.family.tokenize(base, [s.prompt for s in config.subjects], device)  # [S, (2,) 77]
+        # The pre-trained branch's prompts never contain a placeholder, so their encodings are constant. Its
+        # x̂_t is a sample, not a photo: SDXL's size conditioning is a sample's (no crop), in both branches.
+        self.sample_time_ids = self.family.default_time_ids(config.resolution).to(device)
+        self.empty_enc, self.clean_enc, self.negative_enc = constant_encodings(
+            base, config, device, self.autocast())
         self.lora_layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
         if self.fast.channels_last:
             self.unet.to(memory_format=torch.channels_last)  # conv weights; activations follow
@@ -167,6 +162,7 @@ class PalpTask:
         return {
             "latents": latents.latents[idx[mine].to(latents.latents.device)].float(),
             "subject": latents.subject[idx[mine].to(latents.subject.device)],
+            "time_ids": latents.time_ids[idx[mine].to(latents.time_ids.device)],
             "t": t[mine].to(self.device),
             "eps": eps,
             "eps_align": eps if cfg.same_noise else fresh[mine].to(self.device),
@@ -179,7 +175,7 @@ class PalpTask:
     def training_step(self, batch: dict[str, torch.Tensor], align: bool = True) -> dict[str, torch.Tensor]:
         """The loss terms of one batch; `align=False` leaves the alignment term out (a plain LoRA+TI step)."""
         align = align and self.config.alignment != "none"
-        args = (batch["latents"], batch["eps"], batch["t"], batch["eps_align"], batch["subject"])
+        args = (batch["latents"], batch["eps"], batch["t"], batch["eps_align"], batch["subject"], batch["time_ids"])
         names = ("denoise_loss", "align_loss") if align else ("denoise_loss",)
         if not self.fast.cuda_graphs:
             return dict(zip(names, self.loss_terms(*args, align=align)))
@@ -188,7 +184,7 @@ class PalpTask:
         return dict(zip(names, self.graphed[align](*args)))
 
     def loss_terms(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, eps_align: torch.Tensor,
-                   subject: torch.Tensor, align: bool = True) -> tuple[torch.Tensor, ...]:
+                   subject: torch.Tensor, time_ids: torch.Tensor, align: bool = True) -> tuple[torch.Tensor, ...]:
         """The step's differentiable part: (denoise_loss[, align_loss]); the same code eager or captured.
 
         With `align_every` = k > 1 the alignment term runs on every k-th step at weight k·λ, so its expected
@@ -201,16 +197,21 @@ class PalpTask:
         lora_weights = masters_as(self.dtype, self.unet) if self.fast.native_dtype else contextlib.nullcontext()
         with self.lora_in_compute_dtype(), lora_weights:
             with self.autocast():
-                eps_pred, prompt_enc = self.model(x_t.to(self.dtype), t, self.prompt_ids[subject])
+                eps_pred, prompt_enc = self.model(x_t.to(self.dtype), t, self.prompt_ids[subject], time_ids)
             target = losses.v_target(x0, eps, alpha_bar) if self.v_prediction else eps
             terms = (losses.denoise(eps_pred, target),)
             if align and cfg.alignment != "none":
                 eps_hat = self.as_eps(x_t, eps_pred.float(), t)
                 x0_hat = losses.predict_x0(x_t, eps_hat, alpha_bar)  # Eq. 2, with grad
+                prompt_enc = self.family.retime(prompt_enc, self.sample_time_ids)
                 branch = self.alignment_branch(x0_hat, {"t": t, "eps_align": eps_align}, prompt_enc)
                 weight = cfg.align_weight * cfg.align_every
                 terms += (weight * losses.score_distillation(x0_hat, branch["score"]),)
         return terms
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's output (as it predicts: ε or v) on conditioning `cond`, in fp32."""
+        return self.family.denoise(self.unet, x, t, cond).float()
 
     def as_eps(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The ε a UNet output at (x_t, t) stands for: itself, or converted from v (losses.eps_from_v)."""
@@ -272,9 +273,9 @@ class PalpTask:
             with self.autocast():
                 if self.fast.batch_pretrained:
                     enc = torch.cat([e.expand(b, -1, -1) for e in encodings])
-                    out = self.unet(xc.repeat(n, 1, 1, 1), t.repeat(n), enc).sample.float().chunk(n)
+                    out = self.denoise(xc.repeat(n, 1, 1, 1), t.repeat(n), enc).chunk(n)
                 else:
-                    out = [self.unet(xc, t, e.expand(b, -1, -1)).sample.float() for e in encodings]
+                    out = [self.denoise(xc, t, e.expand(b, -1, -1)) for e in encodings]
                 return tuple(self.as_eps(x, o, t) for o in out)
         finally:
             self.unet.enable_adapters()
@@ -287,7 +288,7 @@ class PalpTask:
         n = len(encodings)
         enc = torch.cat([e.expand(b, -1, -1).to(prompt_enc.dtype) for e in encodings])  # [n·B, 77, d]
         with self.autocast(), self.lora_from_row(2 * b):  # rows [:2B] pre-trained, the rest personalized
-            pred = self.unet(x.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), enc).sample.float().chunk(n)
+            pred = self.denoise(x.repeat(n, 1, 1, 1).to(self.dtype), t.repeat(n), enc).chunk(n)
         pred = [self.as_eps(x, p, t) for p in pred]
         personalized = pred[2] if beta == 1.0 else losses.cfg(pred[2], pred[3], beta)
         return pred[0], pred[1], personalized
@@ -297,10 +298,22 @@ class PalpTask:
         beta = self.config.beta
         with self.autocast():
             if beta == 1.0:
-                return self.as_eps(x, self.unet(x.to(self.dtype), t, prompt_enc).sample.float(), t)
+                return self.as_eps(x, self.denoise(x.to(self.dtype), t, prompt_enc), t)
             enc = torch.cat([self.empty_enc.expand(len(x), -1, -1).to(prompt_enc.dtype), prompt_enc])
-            uncond, cond = self.unet(x.repeat(2, 1, 1, 1).to(self.dtype), t.repeat(2), enc).sample.float().chunk(2)
+            uncond, cond = self.denoise(x.repeat(2, 1, 1, 1).to(self.dtype), t.repeat(2), enc).chunk(2)
         return losses.cfg(self.as_eps(x, uncond, t), self.as_eps(x, cond, t), beta)
+
+
+def constant_encodings(base: Base, config, device, autocast) -> tuple[torch.Tensor, ...]:
+    """The pre-trained branch's conditionings, [1, L, D] each: ∅ (as the family's pipeline builds it for CFG),
+    y^c, and NFSD's negative prompt, at a sample's size conditioning."""
+    family = base.family
+    time_ids = family.default_time_ids(config.resolution).to(device)
+    with torch.no_grad(), autocast:
+        empty = family.unconditional(base, device, config.resolution)
+        clean, negative = (family.encode(base.encoders, family.tokenize(base, [p], device), time_ids)
+                           for p in (config.clean_prompt, NFSD_NEGATIVE))
+    return empty, clean, negative
 
 
 class _CapturedStep(nn.Module):

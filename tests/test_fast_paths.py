@@ -25,7 +25,7 @@ def setup(images, tmp_path, device=CPU, precision="fp32", **overrides):
             p.add_(0.05 * torch.randn_like(p))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     data = SubjectLatents(base.vae, [s.images for s in config.subjects], 32, True, False, device, dtype)
-    model = PalpModel(base.unet, base.text_encoder)
+    model = PalpModel(base)
 
     def task(fast, compute_dtype=dtype):
         return PalpTask(config, base, model, embedding.first_id, device, compute_dtype, fast)
@@ -81,7 +81,7 @@ def test_fold_alignment_equals_separate_calls(subject_images, tmp_path, beta):
     batch = plain.make_batch(torch.Generator().manual_seed(0), data, 2)
     alpha_bar = plain.alphas_cumprod[batch["t"]]
     x_t = losses.add_noise(batch["latents"], batch["eps"], alpha_bar)
-    eps_pred, enc = plain.model(x_t, batch["t"], plain.prompt_ids[batch["subject"]])
+    eps_pred, enc = plain.model(x_t, batch["t"], plain.prompt_ids[batch["subject"]], batch["time_ids"])
     x0_hat = losses.predict_x0(x_t, eps_pred, alpha_bar)
     calls = []
     handle = base.unet.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
@@ -256,7 +256,7 @@ def test_step_is_capturable_no_host_syncs(subject_images, tmp_path, alignment, f
     task, base, embedding, lora, data = setup(subject_images, tmp_path, precision="bf16", alignment=alignment, beta=2.0)
     fast = task(FastPaths(fold_alignment=fold, native_dtype=True, lora_compute_dtype=True, channels_last=True))
     batch = fast.make_batch(torch.Generator().manual_seed(0), data, 2)
-    args = (batch["latents"], batch["eps"], batch["t"], batch["eps_align"], batch["subject"])
+    args = (batch["latents"], batch["eps"], batch["t"], batch["eps_align"], batch["subject"], batch["time_ids"])
     with HostSyncs() as mode:
         sum(fast.loss_terms(*args)).backward()
     assert mode.seen == []

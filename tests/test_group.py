@@ -51,7 +51,7 @@ def alone(config, prediction="epsilon"):
     if prediction == "v_prediction":
         v_model(base)
     data = SubjectLatents(base.vae, [s.images for s in config.subjects], 32, config.flip, False, CPU, torch.float32)
-    task = PalpTask(config, base, PalpModel(base.unet, base.text_encoder), embedding.first_id, CPU, torch.float32,
+    task = PalpTask(config, base, PalpModel(base), embedding.first_id, CPU, torch.float32,
                     FastPaths())
     optimizer = make_optimizer(config, lora, embedding)
     grads, original = [], optimizer.step

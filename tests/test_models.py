@@ -8,7 +8,6 @@ import torch
 
 from palp_trainer.models import LORA_TARGETS, add_lora, add_placeholders, load_base
 from palp_trainer.tiny import main as tiny_main
-from palp_trainer.task import tokenize
 
 
 def test_tiny_directory_loads_back_through_from_pretrained(tmp_path):
@@ -54,12 +53,12 @@ def test_a_v_prediction_base_trains_and_its_adapter_says_so(tmp_path, subject_im
 def test_placeholders_start_at_class_word_and_are_the_only_trainable_rows():
     base = load_base("tiny")
     table = base.text_encoder.get_input_embeddings().weight.detach().clone()
-    emb = add_placeholders(base.tokenizer, base.text_encoder, ("[V1]", "[V2]"), ("cat", "mug"))
+    emb = add_placeholders(base, ("[V1]", "[V2]"), ("cat", "mug"))
     for row, word in zip(emb.rows, ("cat", "mug")):
         ids = base.tokenizer(word, add_special_tokens=False).input_ids
         torch.testing.assert_close(row.detach(), table[ids].mean(0))
     assert [n for n, p in base.text_encoder.named_parameters() if p.requires_grad] == ["embeddings.token_embedding.rows"]
-    ids = tokenize(base.tokenizer, ["A photo of [V1] and [V2]"], "cpu")
+    ids = base.family.tokenize(base, ["A photo of [V1] and [V2]"], "cpu")
     assert (ids == emb.first_id).sum() == 1 and (ids == emb.first_id + 1).sum() == 1
     # the placeholder positions read the trainable rows
     out = base.text_encoder.get_input_embeddings()(ids)[0]
@@ -70,7 +69,7 @@ def test_placeholders_start_at_class_word_and_are_the_only_trainable_rows():
 def test_existing_token_is_refused_as_placeholder():
     base = load_base("tiny")
     with pytest.raises(ValueError, match="already a token"):
-        add_placeholders(base.tokenizer, base.text_encoder, ("cat</w>",), ("cat",))
+        add_placeholders(base, ("cat</w>",), ("cat",))
 
 
 def test_lora_wraps_exactly_the_attention_projections():

@@ -18,10 +18,10 @@ from palp_trainer.config import SubjectSpec
 from palp_trainer.data import SubjectLatents
 from palp_trainer.loop import build, make_optimizer
 from palp_trainer.models import load_base
-from palp_trainer.task import FastPaths, PalpModel, PalpTask, tokenize
+from palp_trainer.task import NFSD_NEGATIVE, FastPaths, PalpModel, PalpTask
 from palp_trainer.tiny import SD1_SCHEDULER
 from tests.conftest import tiny_config, write_images
-from tests.palp_reference import Nets, noise, reference_step, x0_estimate
+from tests.palp_reference import Nets, ids_of, noise, reference_step, x0_estimate
 
 DEVICE = torch.device("cpu")
 # fp32 step against a float64-arithmetic reference that shares the networks: the largest error seen is ~1e-6
@@ -71,7 +71,7 @@ def rig(tmp_path_factory) -> Rig:
     nets = Nets(base.unet, base.text_encoder, base.tokenizer, pre.unet, pre.text_encoder, pre.tokenizer,
                 pre.noise_scheduler.betas)
     data = SubjectLatents(base.vae, [s.images for s in subjects], 32, True, False, DEVICE, torch.float32)
-    return Rig(config, base, embedding, lora, PalpModel(base.unet, base.text_encoder), nets, data)
+    return Rig(config, base, embedding, lora, PalpModel(base), nets, data)
 
 
 def make_batch(t=(37, 612), same_noise=True, seed=0) -> dict:
@@ -79,7 +79,7 @@ def make_batch(t=(37, 612), same_noise=True, seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
     x0, eps, fresh = torch.randn(3, 2, 4, 16, 16, generator=g)
     return {"latents": x0, "subject": torch.tensor([1, 0]), "t": torch.tensor(t), "eps": eps,
-            "eps_align": eps if same_noise else fresh}
+            "eps_align": eps if same_noise else fresh, "time_ids": torch.tensor([[64., 48, 0, 8, 32, 32]] * 2)}
 
 
 def _grad_groups(grads) -> dict:
@@ -247,7 +247,7 @@ def make_task(images, tmp_path, **overrides):
         for p in lora:
             p.add_(0.05 * torch.randn_like(p))
     data = SubjectLatents(base.vae, [s.images for s in config.subjects], 32, True, False, DEVICE, torch.float32)
-    task = PalpTask(config, base, PalpModel(base.unet, base.text_encoder), embedding.first_id, DEVICE, torch.float32)
+    task = PalpTask(config, base, PalpModel(base), embedding.first_id, DEVICE, torch.float32)
     batch = task.make_batch(torch.Generator().manual_seed(0), data, 2)
     return task, base, embedding, lora, batch, data
 
@@ -256,7 +256,7 @@ def personalization_forward(rig, task, batch):
     """x_t, G_θ(x_t, y_P), the y_P encoding and x̂_0, with the reference's ᾱ_t, noising and Eq. 2."""
     abar = torch.cumprod(1 - rig.nets.betas.double(), 0)[batch["t"]]
     x_t = noise(batch["latents"], batch["eps"], abar).float()
-    eps_pred, enc = task.model(x_t, batch["t"], task.prompt_ids[batch["subject"]])
+    eps_pred, enc = task.model(x_t, batch["t"], task.prompt_ids[batch["subject"]], batch["time_ids"])
     return x_t, eps_pred, enc, x0_estimate(x_t, eps_pred, abar).float()
 
 
@@ -272,7 +272,7 @@ def test_b_pretrained_branch_ignores_lora_and_placeholders(subject_images, tmp_p
     after = task.pretrained(x, t, task.empty_enc, task.clean_enc)
     # and it is the untouched base model: a fresh tiny UNet with no adapter at all
     fresh = load_base("tiny")
-    clean = fresh.text_encoder(tokenize(fresh.tokenizer, ["A sketch of cat"], DEVICE))[0]
+    clean = fresh.text_encoder(fresh.family.tokenize(fresh, ["A sketch of cat"], DEVICE))[0]
     with torch.no_grad():
         reference = fresh.unet(x, t, clean.expand(2, -1, -1)).sample
     for b, a in zip(before, after):
@@ -283,15 +283,15 @@ def test_b_pretrained_branch_ignores_lora_and_placeholders(subject_images, tmp_p
 
 def test_c_pretrained_branch_sees_no_placeholder(rig):
     task = rig.task(FAST["batched"])
-    for ids in (task.clean_ids, task.empty_ids, task.negative_ids):
-        assert (ids < rig.embedding.first_id).all()
+    for prompt in (task.config.clean_prompt, "", NFSD_NEGATIVE):
+        assert (rig.base.family.tokenize(rig.base, [prompt], DEVICE) < rig.embedding.first_id).all()
     assert (task.prompt_ids >= rig.embedding.first_id).any(dim=1).all()  # while each y_P carries its [V]
     batch = make_batch()
     x_t, eps_pred, enc, x0_hat = personalization_forward(rig, task, batch)
     with UNetCalls(rig.base.unet) as rec:
         task.alignment_branch(x0_hat, batch, enc)
     with torch.no_grad():
-        clean = rig.nets.pre_text_encoder(tokenize(rig.nets.pre_tokenizer, ["A sketch of cat and mug"], DEVICE))[0]
+        clean = rig.nets.pre_text_encoder(ids_of(rig.nets.pre_tokenizer, ["A sketch of cat and mug"]))[0]
     pretrained_calls = [c for c in rec.calls if not c["lora"]]
     assert len(pretrained_calls) == 1  # ∅ and y^c batched (FastPaths.batch_pretrained: on by default on CPU)
     torch.testing.assert_close(pretrained_calls[0]["enc"][2:], clean.expand(2, -1, -1))
