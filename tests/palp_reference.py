@@ -73,6 +73,36 @@ class Nets:
     pre_tokenizer: object
     betas: torch.Tensor
     prediction: str = "epsilon"  # what both UNets predict: "epsilon" or "v_prediction"
+    # SDXL: stock StableDiffusionXLPipelines around the same networks (personalized, pre-trained); their own
+    # encode_prompt and _get_add_time_ids build the conditioning, not palp_trainer.family
+    xl: object = None
+    pre_xl: object = None
+    resolution: int = 32
+
+
+def condition(nets: Nets, prompts: list[str], pre: bool, time_ids: torch.Tensor | None = None) -> dict:
+    """The UNet's conditioning keyword arguments for `prompts` (pre: the pre-trained base's encoders)."""
+    if nets.xl is None:
+        encoder, tokenizer = (nets.pre_text_encoder, nets.pre_tokenizer) if pre else (nets.text_encoder, nets.tokenizer)
+        return {"encoder_hidden_states": encoder(ids_of(tokenizer, prompts))[0]}
+    pipe = nets.pre_xl if pre else nets.xl
+    context, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    if time_ids is None:  # a sample's: original = target = resolution, no crop (the pipeline's defaults)
+        size = (nets.resolution, nets.resolution)
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=context.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    return {"encoder_hidden_states": context,
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), -1)}}
+
+
+def unconditional(nets: Nets, b: int, pre: bool) -> dict:
+    """∅ as each family's pipeline conditions CFG on it: SD-1.x encodes "", SDXL zeros its text and pooled
+    embeddings (force_zeros_for_empty_prompt)."""
+    kwargs = condition(nets, [""] * b, pre)
+    if nets.xl is not None:
+        kwargs["encoder_hidden_states"] = torch.zeros_like(kwargs["encoder_hidden_states"])
+        kwargs["added_cond_kwargs"]["text_embeds"] = torch.zeros_like(kwargs["added_cond_kwargs"]["text_embeds"])
+    return kwargs
 
 
 def reference_step(config, nets: Nets, batch: dict, params: list[torch.Tensor], align: bool = True) -> dict:
@@ -87,8 +117,9 @@ def reference_step(config, nets: Nets, batch: dict, params: list[torch.Tensor], 
     # personalization branch, with grad (Eq. 1): y_P of each sample's subject, LoRA on
     prompts = [config.subjects[int(i)].prompt for i in subject]
     x_t = noise(x0, eps, abar)
-    enc = nets.text_encoder(ids_of(nets.tokenizer, prompts))[0]  # [B, 77, d], [V] rows live
-    pred = nets.unet(x_t.float(), t, enc).sample  # G_θ(x_t, y_P): ε̂, or v̂ for a v-prediction model
+    # [B, 77, d], [V] rows live; SDXL: the photo's size conditioning (original size, crop, target)
+    enc = condition(nets, prompts, pre=False, time_ids=batch.get("time_ids"))
+    pred = nets.unet(x_t.float(), t, **enc).sample  # G_θ(x_t, y_P): ε̂, or v̂ for a v-prediction model
     v_model = nets.prediction == "v_prediction"
     residual = pred.double() - (v_target(x0, eps, abar) if v_model else eps.double())
     denoise = (residual ** 2).sum() / n  # mean over elements, against the model's own target
@@ -103,18 +134,19 @@ def reference_step(config, nets: Nets, batch: dict, params: list[torch.Tensor], 
         x_hat_t = noise(x0_hat, eps_align, abar).float()  # re-noised at the same t (same ε: eps_align is eps)
         b = len(t)
 
-        def pretrained(prompt: str) -> torch.Tensor:  # LoRA off, no placeholder: the base model; as ε
-            e = nets.pre_text_encoder(ids_of(nets.pre_tokenizer, [prompt]))[0].expand(b, -1, -1)
-            return eps_of(x_hat_t, nets.pre_unet(x_hat_t, t, e).sample, abar, nets.prediction)
+        def pretrained(prompt: str | None) -> torch.Tensor:  # LoRA off, no placeholder: the base model; as ε
+            e = unconditional(nets, b, pre=True) if prompt is None else condition(nets, [prompt] * b, pre=True)
+            return eps_of(x_hat_t, nets.pre_unet(x_hat_t, t, **e).sample, abar, nets.prediction)
 
-        def personalized(e: torch.Tensor) -> torch.Tensor:  # LoRA on; as ε
-            return eps_of(x_hat_t, nets.unet(x_hat_t, t, e).sample, abar, nets.prediction)
+        def personalized(e: dict) -> torch.Tensor:  # LoRA on; as ε
+            return eps_of(x_hat_t, nets.unet(x_hat_t, t, **e).sample, abar, nets.prediction)
 
-        uncond, cond = pretrained(""), pretrained(config.clean_prompt)
+        uncond, cond = pretrained(None), pretrained(config.clean_prompt)
         if config.alignment == "palp":  # Eq. 6: G^α_pre(x̂_t, y^c) − G^β_LoRA(x̂_t, y_P)
-            empty = nets.text_encoder(ids_of(nets.tokenizer, [""] * b))[0]
-            diff = guided(uncond, cond, config.alpha) - guided(personalized(empty), personalized(enc),
-                                                               config.beta)
+            # y_P at a sample's size conditioning: x̂_t is no photo
+            prompt = condition(nets, prompts, pre=False)
+            diff = guided(uncond, cond, config.alpha) - guided(personalized(unconditional(nets, b, pre=False)),
+                                                               personalized(prompt), config.beta)
         elif config.alignment == "sds":  # Eq. 4: G^α_pre(x̂_t, y^c) − ε
             diff = guided(uncond, cond, config.alpha) - eps_align.double()
         elif config.alignment == "nfsd":  # Katzir et al. Eq. 8-9: α·δ_C + δ_D, no ε

@@ -107,3 +107,14 @@ def test_a_path_that_is_neither_file_nor_folder(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(DataError, match="pipe.png is neither a file nor a folder"):
         list_images(fifo)
+
+
+def test_size_conditioning_per_photo_and_mirror(tmp_path):
+    """SDXL's add_time_ids per latent: the photo's original (h, w), the crop's top-left (y, x) in the resized image,
+    the target size; the mirror's crop starts as far from the right edge as the crop from the left."""
+    wide, tall = tmp_path / "wide.png", tmp_path / "tall.png"
+    Image.fromarray(np.zeros((64, 102, 3), np.uint8)).save(wide)  # h 64, w 102 -> resized 51 x 32: left 9
+    Image.fromarray(np.zeros((80, 40, 3), np.uint8)).save(tall)  # h 80, w 40 -> resized 32 x 64: top 16
+    data = SubjectLatents(load_base("tiny").vae, [(str(wide), str(tall))], 32, True, False, "cpu", torch.float32)
+    assert data.time_ids.tolist() == [[64, 102, 0, 9, 32, 32], [80, 40, 16, 0, 32, 32],
+                                      [64, 102, 0, 10, 32, 32], [80, 40, 16, 0, 32, 32]]
