@@ -1,5 +1,5 @@
 """`palp-sweep generate SOURCE --prompt ...`: sample an exported adapter with CFG, personalization guidance
-or AlignIT on fixed seeds, save the images and a grid, and score them: CLIP-T against the clean prompt, CLIP-I
+or AlignIT on fixed seeds, save the images and a labelled grid, and score them: CLIP-T against the clean prompt, CLIP-I
 against the reference images the adapter carries (skipped, with a line saying why, when they are missing).
 
     palp-sweep generate runs/smoke/.../adapter --prompt "A sketch of [V1]" --method cfg,pg,alignit --seeds 0,1,2,3
@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                 description="Sample an adapter with CFG, personalization guidance (pg) or AlignIT on fixed seeds.")
     p.add_argument("source", help="exported adapter directory, or an MLflow model URI (models:/<name>@champion)")
     p.add_argument("--tracking-uri", help="where a models:/ or runs:/ SOURCE is registered "
-                                          "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+                                          "(default: $MLFLOW_TRACKING_URI, else mlflow.db here, else "
+                                          "~/palp-sweep/runs/mlflow.db)")
     p.add_argument("--prompt", required=True, help='with the adapter\'s placeholders, e.g. "A sketch of [V1]"')
     p.add_argument("--seeds", default="0,1,2,3", help="comma list; one image per seed (default 0,1,2,3)")
     p.add_argument("--steps", type=_count, default=25, help="sampling steps (default 25)")
@@ -183,8 +184,6 @@ def _run(args) -> int:
     _tracking(args.source, args.tracking_uri)
 
     # diffusers' pipelines load in seconds: only after the command line is known to be good
-    from diffusers.utils import make_image_grid
-
     from palp_trainer.evaluate import pipeline_from
     from palp_trainer.export import load_adapter, read_manifest
     from palp_trainer.guidance import alignit_prompts, sample
@@ -241,7 +240,7 @@ def _run(args) -> int:
             image.save(path)
             print(path)
     grid = out / "grid.png"
-    make_image_grid([im for images in rows.values() for im in images], len(rows), len(seeds)).save(grid)
+    labelled_grid(rows, seeds).save(grid)
     print(f"{grid}  (rows: {', '.join(rows)}; columns: seeds {', '.join(map(str, seeds))})")
 
     if scorer is None:
@@ -266,6 +265,28 @@ def _run(args) -> int:
         s = scorer.score(images, clean, refs)
         print(f"  {label:<{width}}  clip_t {s['clip_t']:.4f}  clip_i {s['clip_i']:.4f}")
     return 0
+
+
+def labelled_grid(rows: dict[str, list], seeds: list[int]):
+    """One row per method, one column per seed, named in the picture: the methods in a band on the left, the seeds
+    above (the corner says "seed"), black on white."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = next(iter(rows.values()))[0].size
+    font = ImageFont.load_default(size=max(12, h // 12))  # 12 px beside the tiny base's 32 px, 42 px beside 512 px
+    pad = font.size // 2
+    left = max(font.getbbox(label)[2] for label in [*rows, "seed"]) + 2 * pad
+    top = max(font.getbbox(str(seed))[3] for seed in seeds) + 2 * pad
+    grid = Image.new("RGB", (left + w * len(seeds), top + h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((left - pad, top // 2), "seed", fill="black", font=font, anchor="rm")
+    for c, seed in enumerate(seeds):
+        draw.text((left + c * w + w // 2, top // 2), str(seed), fill="black", font=font, anchor="mm")
+    for r, (label, images) in enumerate(rows.items()):
+        draw.text((pad, top + r * h + h // 2), label, fill="black", font=font, anchor="lm")
+        for c, image in enumerate(images):
+            grid.paste(image.convert("RGB"), (left + c * w, top + r * h))
+    return grid
 
 
 def main(argv: list[str] | None = None) -> int:

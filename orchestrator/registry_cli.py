@@ -19,20 +19,35 @@ _NAME_THE_STORE = ("run a sweep here first, or name the store the sweep used: --
                    "MLFLOW_TRACKING_URI=http://host:5000 for an MLflow server")
 
 
+def _sqlite_file(uri: str) -> Path:
+    return Path(unquote(uri.removeprefix("sqlite:///").partition("?")[0]))
+
+
 def _uri(arg: str | None) -> tuple[str, str]:
-    """The tracking URI and where it came from, which errors name."""
+    """The tracking URI and where it came from, which errors name. With none given: the first of the stores a
+    sweep writes by default that exists (tracking.default_stores), named on stderr unless it is ./mlflow.db alone."""
+    from .tracking import default_stores
+
     if arg:
         return arg, "--tracking-uri"
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}", "tracking URI"
+    stores = default_stores()
+    found = [uri for uri in stores if _sqlite_file(uri).is_file()]
+    if not found:
+        raise UsageError(f"no MLflow store at {stores[0]} nor at {stores[1]}; {_NAME_THE_STORE}")
+    if len(found) > 1:
+        print(f"palp-sweep: reading {found[0]}; also found {found[1]} (--tracking-uri to read it)", file=sys.stderr)
+    elif found[0] != stores[0]:
+        print(f"palp-sweep: reading {found[0]}", file=sys.stderr)
+    return found[0], "tracking URI"
 
 
 def _check_store(uri: str) -> None:
     """Every `models` command only reads the store: a local one must exist already, since MLflow would
     create an empty one (and a folder for it) wherever the URI points."""
     if uri.startswith("sqlite:///"):
-        path = Path(unquote(uri.removeprefix("sqlite:///").partition("?")[0]))
+        path = _sqlite_file(uri)
         if not path.is_file():
             raise UsageError(f"no MLflow store at {uri}: {path} does not exist; {_NAME_THE_STORE}")
         with path.open("rb") as f:
@@ -45,7 +60,7 @@ def _check_store(uri: str) -> None:
 
 
 def open_store(flag: str | None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite mlflow.db here; checked before MLflow reads it: a local
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else a sweep's default store; checked before MLflow reads it: a local
     store must exist, a server must answer (MLflow itself retries a closed port for minutes)."""
     from .tracking import TrackingError, preflight
 
@@ -148,7 +163,7 @@ def pull(client, ref: str, directory: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="palp-sweep models", description=__doc__.splitlines()[0])
-    store = "default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here"
+    store = "default: $MLFLOW_TRACKING_URI, else mlflow.db here, else ~/palp-sweep/runs/mlflow.db (a submitted job's)"
     parser.add_argument("--tracking-uri", help=store)
     sub = parser.add_subparsers(dest="command", required=True)
     listing = sub.add_parser("list", help="registered models, versions, aliases and scores")

@@ -32,8 +32,8 @@ from .recipe import Recipe, RecipeError
 from .registry import register_best
 from .search_space import hparams_of, param_space
 from .selection import pareto_front, plot_curves, plot_pareto, point_label
-from .tracking import (STOPPED_TAG, Tracking, browse_lines, close_open_children, end_run, fail_run, mask, preflight,
-                       reason, resolve_tracking_uri, start_sweep)
+from .tracking import (STOPPED_TAG, Tracking, browse_lines, close_open_children, default_store, end_run, fail_run,
+                       in_job_working_dir, job_storage, mask, preflight, reason, resolve_tracking_uri, start_sweep)
 from .groups import run_member, start_coordinator
 from .trial import run_trial, scheduler_key, trial_output_uri
 
@@ -50,11 +50,6 @@ FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
 def score_keys(recipe: Recipe) -> tuple[str, str, str]:
     """(text alignment, subject fidelity, composite): the recipe's scorer names the first two."""
     return (*recipe.eval.metric_names, "composite")
-
-
-def in_job_working_dir() -> bool:
-    """True under `ray job submit --working-dir`: the CWD is a temporary copy Ray deletes."""
-    return "runtime_resources" in os.getcwd()
 
 
 def check_storage(storage: str) -> None:
@@ -76,7 +71,7 @@ def resolve_storage(storage_path: str) -> str:
     if is_remote(storage_path) or os.path.isabs(os.path.expanduser(storage_path)):
         return os.path.expanduser(storage_path)
     if in_job_working_dir():
-        return str(Path.home() / "palp-sweep" / storage_path)
+        return str(job_storage(storage_path))
     return str(Path(storage_path).resolve())
 
 
@@ -382,7 +377,8 @@ def run_sweep(recipe: Recipe, resume: bool = False, recipe_path: str | None = No
         print(f"registered: models:/{r['name']}/{r['version']}" + ("  (champion)" if r["champion"] else "")
               + (f"  ({r['note']})" if r.get("note") else ""))
     print("browse: " + "\n        ".join(browse_lines(uri, tracking.experiment_id)))
-    if registered and uri != f"sqlite:///{Path.cwd() / 'mlflow.db'}":  # where `models` looks by default
+    # `models` finds ./mlflow.db without a flag, and a job's ~/palp-sweep/runs/mlflow.db only where no ./mlflow.db is
+    if registered and uri != default_store(Path.cwd()):  # (tracking.default_stores)
         print(f"models: palp-sweep models list --tracking-uri {mask(uri)}")
     if failed:
         print("palp-sweep: pairs with no finished trial: " + " | ".join(failed))

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from .labels import run_name
-from .recipe import RecipeError
+from .recipe import Recipe, RecipeError
 
 TRIAL_TAG = "palp.trial_id"
 SWEEP_TAG = "palp.sweep"
@@ -41,6 +41,29 @@ class TrackingError(RecipeError):
     """An unusable tracking URI; exits 2 before any trial starts."""
 
 
+def in_job_working_dir() -> bool:
+    """True under `ray job submit --working-dir`: the CWD is a temporary copy Ray deletes."""
+    return "runtime_resources" in os.getcwd()
+
+
+def job_storage(storage_path: str) -> Path:
+    """Where a `ray job submit` sweep keeps a relative storage_path: under the home directory, since the job's
+    working directory is deleted with the job."""
+    return Path.home() / "palp-sweep" / storage_path
+
+
+def default_store(root: Path) -> str:
+    """A sweep's store when neither the recipe nor $MLFLOW_TRACKING_URI names one: sqlite `mlflow.db` in `root`."""
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def default_stores() -> tuple[str, str]:
+    """Where `palp-sweep models` looks when given no URI, the store a sweep started from here would use first:
+    `mlflow.db` here, and that of a `ray job submit` sweep with the default storage_path (~/palp-sweep/runs)."""
+    here, job = default_store(Path.cwd()), default_store(job_storage(Recipe.storage_path))
+    return (job, here) if in_job_working_dir() else (here, job)
+
+
 def resolve_tracking_uri(configured: str | None, storage: str, in_job: bool) -> str:
     """The recipe's URI, else $MLFLOW_TRACKING_URI, else MLflow's own default: sqlite `mlflow.db`
     in the working directory (under `ray job submit`, in the storage path, which outlives the job)."""
@@ -49,7 +72,7 @@ def resolve_tracking_uri(configured: str | None, storage: str, in_job: bool) -> 
         return uri
     root = Path(storage) if in_job else Path.cwd()
     root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    return default_store(root)
 
 
 def mask(uri: str) -> str:

@@ -450,6 +450,7 @@ def test_generate_module_has_one_stderr_line_and_no_traceback(adapter, tmp_path)
 def no_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path.parent / f"{tmp_path.name}-home"))  # no job's ~/palp-sweep/runs/mlflow.db
     return tmp_path
 
 

@@ -37,11 +37,21 @@ def test_compares_three_methods_on_the_same_seeds(adapter, tmp_path, capsys):
     assert {p.name for p in tmp_path.iterdir()} == files | {"grid.png"}
     for name in files:
         assert str(tmp_path / name) in out
-    grid = Image.open(tmp_path / "grid.png")
-    assert grid.size == (2 * 32, 3 * 32)  # columns = seeds, rows = methods
-    rows = np.asarray(grid).reshape(3, 32, 2, 32, 3)
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    # columns = seeds, rows = methods, below a band naming the seeds and right of one naming the methods
+    top, left = grid.shape[0] - 3 * 32, grid.shape[1] - 2 * 32
+    assert 12 <= top <= 32 and 36 <= left <= 80, (top, left)
+    rows = grid[top:, left:].reshape(3, 32, 2, 32, 3)
     assert np.array_equal(rows[1, :, 0], np.asarray(Image.open(tmp_path / "pg-0.6-seed0.png")))
     assert not np.array_equal(rows[0], rows[1]) and not np.array_equal(rows[0], rows[2])
+    ink = grid.min(axis=2) < 128  # black text on white
+    assert all(ink[top + 32 * r:top + 32 * (r + 1), :left].any() for r in range(3))  # a label per row
+    assert all(ink[:top, left + 32 * c:left + 32 * (c + 1)].any() for c in range(2))  # and per column
+    assert ink[:top, :left].any()  # "seed"
+    assert not ink[:top, left + 30:left + 34].any()  # between the seeds: no ink, each label over its column
+    labels = ["cfg", "pg-0.6", "alignit"]
+    widths = [ink[top + 32 * r:top + 32 * (r + 1), :left].any(axis=0).nonzero()[0].max() for r in range(3)]
+    assert widths[0] < widths[1] and widths[0] < widths[2], (labels, widths)  # "cfg" is the shortest
     # the manifest knows the references and the base is tiny: scored with the tiny CLIP, vs the clean prompt
     assert "scores vs 'A sketch of cat' (tiny" in out
     assert all(f"  {m:<7}  clip_t " in out for m in ("cfg", "pg-0.6", "alignit"))
@@ -140,3 +150,17 @@ def test_palp_sweep_generate_dispatches_here(tmp_path, capsys):
     from orchestrator.cli import main as cli_main
     code = cli_main(["generate", str(tmp_path), "--prompt", "A sketch of [V1]"])
     assert code == 2 and "manifest.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n, shape", [(8, (2, 4)), (6, (2, 3)), (9, (3, 3)), (3, (1, 3)), (7, (3, 3))])
+def test_sample_grid_has_no_empty_cell_when_it_can(tmp_path, n, shape):
+    """palp_trainer.evaluate.save_grid, the milestone grid (`eval.num_images: 8` in the demo): 8 images are 2 x 4,
+    not 3 x 3 with a black cell; only a count with no near-square factors (7) leaves cells empty."""
+    from palp_trainer.evaluate import save_grid
+    images = [Image.new("RGB", (8, 8), (255, 20 * i, 0)) for i in range(n)]
+    grid = np.asarray(Image.open(save_grid(images, tmp_path / "grid.png")).convert("RGB"))
+    rows, cols = shape
+    assert grid.shape == (8 * rows, 8 * cols, 3)
+    cells = grid.reshape(rows, 8, cols, 8, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, 8, 8, 3)
+    assert [tuple(c[0, 0]) for c in cells[:n]] == [(255, 20 * i, 0) for i in range(n)]  # row by row
+    assert not cells[n:].any()  # black only where there is no image

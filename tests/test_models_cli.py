@@ -137,3 +137,28 @@ def test_list_and_show_import_no_torch_and_print_no_warnings(store):
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.splitlines()[-1] == "[]", proc.stdout
         assert proc.stderr == "", proc.stderr
+
+
+def test_finds_the_store_a_submitted_job_wrote(store, tmp_path, capsys, monkeypatch):
+    """No flag, no variable: ./mlflow.db, else ~/palp-sweep/runs/mlflow.db (what a `ray job submit` sweep with the
+    default storage_path writes, tracking.default_stores); the store read is named on stderr unless it is ./mlflow.db
+    alone."""
+    from orchestrator.tracking import default_stores, job_storage
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    job_storage("runs").parent.mkdir(parents=True)
+    job_storage("runs").symlink_to(store["root"])  # the job's storage, holding its mlflow.db
+    job, here = f"sqlite:///{job_storage('runs') / 'mlflow.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert default_stores() == (here, job)
+
+    code, out, err = run_main(["models", "list"], capsys)
+    assert code == 0 and out.splitlines()[0] == MODEL and "v2 @champion" in out
+    assert err.splitlines() == [f"palp-sweep: reading {job}"]
+
+    MlflowClient(here).search_experiments()  # a sweep run here: the one `models` run here reads first
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri sets it, in this process
+    capsys.readouterr()  # MLflow's lines on creating it
+    code, out, err = run_main(["models", "list"], capsys)
+    assert code == 0 and out == "no registered models\n"
+    assert err.splitlines() == [f"palp-sweep: reading {here}; also found {job} (--tracking-uri to read it)"]
