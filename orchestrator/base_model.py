@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from palp_trainer.config import PREDICTIONS, SMALL_BASES
+from palp_trainer.family import BUILT_IN, FAMILIES
 from palp_trainer.storage import is_remote
 
 from .recipe import RecipeError
 
-SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x/2.x"}
 INDEX = "model_index.json"  # a diffusers pipeline's manifest: names its class, hence its family
 SCHEDULER = "scheduler/scheduler_config.json"  # its prediction_type: what the UNet predicts
 HUB_TIMEOUT_S = 10.0
@@ -19,8 +19,10 @@ HUB_TIMEOUT_S = 10.0
 def check_base(ref: str) -> str:
     """The family of base model `ref` ("tiny", "world", a folder, a storage URI or a hub id); RecipeError naming
     `base_model` when it is not usable."""
-    if ref in SMALL_BASES or is_remote(ref):  # built in, or staged by an earlier sweep (read on the nodes)
-        return SUPPORTED["StableDiffusionPipeline"]
+    if ref in SMALL_BASES:
+        return FAMILIES[BUILT_IN[ref]].label
+    if is_remote(ref):  # staged by an earlier sweep from a folder checked then (read on the nodes)
+        return "staged"
     path = Path(ref).expanduser()
     if path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         if not (path / INDEX).is_file():
@@ -50,7 +52,7 @@ def _hub_family(repo: str) -> str:
         first = " ".join(str(e).split())[:160]
         raise RecipeError(f"base_model: {repo} is {where}, and the hub is unreachable ({first})") from None
     name = ((info.config or {}).get("diffusers") or {}).get("_class_name")
-    return _check_class(name, repo) if name else SUPPORTED["StableDiffusionPipeline"]
+    return _check_class(name, repo) if name else FAMILIES["StableDiffusionPipeline"].label
 
 
 def _family(index: Path, ref: str) -> str:
@@ -69,7 +71,7 @@ def _family(index: Path, ref: str) -> str:
 
 
 def _check_class(name: str | None, ref: str) -> str:
-    if name not in SUPPORTED:
-        raise RecipeError(f"base_model: {ref} is a {name}; supported: {', '.join(SUPPORTED.values())} "
-                          f"({', '.join(SUPPORTED)})")
-    return SUPPORTED[name]
+    if name not in FAMILIES:
+        supported = ", ".join(f"{f.label} ({c})" for c, f in FAMILIES.items())
+        raise RecipeError(f"base_model: {ref} is a {name}; supported: {supported}")
+    return FAMILIES[name].label

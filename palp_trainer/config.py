@@ -3,7 +3,7 @@
 from dataclasses import asdict, dataclass
 
 TINY_RESOLUTION = 32  # px of the built-in tiny and world bases (their VAEs downsample 2x: latents [4, 16, 16])
-SMALL_BASES = ("tiny", "world")  # built-in CPU-sized bases: 32 px, fp32 by default
+SMALL_BASES = ("tiny", "world", "tiny_xl")  # built-in CPU-sized bases: 32 px, fp32 by default
 SCORERS = ("clip", "world")
 ALIGNMENTS = ("palp", "sds", "nfsd", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -13,8 +13,22 @@ PREDICTIONS = ("epsilon", "v_prediction")
 
 
 def default_resolution(base_model: str) -> int:
-    """What `resolution: null` means: the small built-in bases' 32 px, else SD-1.x's 512."""
-    return TINY_RESOLUTION if base_model in SMALL_BASES else 512
+    """What `resolution: null` means: the small built-in bases' 32 px, SDXL's 1024 (a folder or a cached hub id
+    whose model_index.json names StableDiffusionXLPipeline), else SD-1.x's 512."""
+    if base_model in SMALL_BASES:
+        return TINY_RESOLUTION
+    import json
+    from pathlib import Path
+    index = Path(base_model).expanduser() / "model_index.json"
+    if not index.is_file() and base_model.count("/") == 1:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(base_model, "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else index
+    try:
+        xl = json.loads(index.read_text()).get("_class_name") == "StableDiffusionXLPipeline"
+    except (OSError, ValueError):
+        xl = False
+    return 1024 if xl else 512
 
 
 @dataclass(frozen=True)
@@ -167,7 +181,7 @@ class TrainConfig:
     # rank 0 writes samples, metrics.jsonl and the adapter here; with output_uri a relative path is under the
     # temp dir of the node rank 0 runs on
     output_dir: str
-    base_model: str = "tiny"  # "tiny" | "world" | hub id | local diffusers directory
+    base_model: str = "tiny"  # "tiny" | "world" | "tiny_xl" | hub id | local diffusers directory
     resolution: int = 512
     precision: str = "fp32"
     seed: int = 0

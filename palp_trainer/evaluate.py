@@ -23,11 +23,7 @@ NOT_SCORES = ("eval_seconds", "eval_sample_seconds", "samples")  # evaluate_adap
 
 def pipeline_from(base: Base, sampler: str = "ddim") -> StableDiffusionPipeline:
     """A stock pipeline around the in-memory (LoRA-wrapped, placeholder-aware) modules; no reload."""
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=SAMPLERS[sampler].from_config(base.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = base.family.pipeline(base, SAMPLERS[sampler].from_config(base.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -129,8 +125,13 @@ def score_images(ev: EvalConfig, scorer, config: TrainConfig, images: list[Image
 
 
 def save_grid(images: list[Image.Image], path: Path) -> Path:
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
+    """rows x cols = len(images), the factors nearest a square, wide (8: 2 x 4, 6: 2 x 3), unless that is over twice
+    as wide as the square grid (7: 1 x 7), which then holds black cells (7: 3 x 3)."""
+    n, square = len(images), math.ceil(math.sqrt(len(images)))
+    rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
+    cols = n // rows
+    if cols > 2 * square:
+        cols, rows = square, math.ceil(n / square)
     blank = Image.new("RGB", images[0].size)
     make_image_grid(images + [blank] * (rows * cols - len(images)), rows, cols).save(path)
     return path

@@ -15,7 +15,7 @@ import reprlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
@@ -27,12 +27,19 @@ from .export_kohya import export_for_tools, trigger_words
 from .models import Base, add_lora, add_placeholders, load_base
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+XL_EMBEDDINGS = ("clip_l", "clip_g")  # an SDXL embedding file's tensors: the first encoder's, the second's
 MANIFEST_FILE = "manifest.json"
 REFERENCES_DIR = "references"
 
 
 class AdapterError(DataError):
     """An adapter folder that cannot be loaded; the one-line message names the file (and the manifest key)."""
+
+
+def _split(row: torch.Tensor, embedding) -> list[torch.Tensor]:
+    """An SDXL placeholder row [d_l + d_g] as its clip_l and clip_g vectors, [1, d] each."""
+    width = embedding.base.embedding_dim
+    return [row[None, :width].contiguous(), row[None, width:].contiguous()]
 
 
 def embeds_file(token: str) -> str:
@@ -48,20 +55,24 @@ def export_adapter(directory: str | Path, unet, embedding, manifest: dict, tools
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lora = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    StableDiffusionPipeline.save_lora_weights(
+    xl = manifest.get("family") == "sdxl"
+    (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
         directory, unet_lora_layers=convert_state_dict_to_diffusers(lora), weight_name=LORA_FILE,
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),  # keeps lora_alpha: scale survives
     )
     files = {}
-    for token, row in zip(embedding.tokens, embedding.rows):
+    for token, row in zip(embedding.tokens, embedding.rows.detach().float().cpu()):
         files[token] = embeds_file(token)
-        # {token: [d]}: the layout of diffusers' textual_inversion example, read by load_textual_inversion
-        save_file({token: row.detach().float().cpu().contiguous()}, directory / files[token])
+        # SD-1.x {token: [d]}: the layout of diffusers' textual_inversion example, read by load_textual_inversion;
+        # SDXL {"clip_l": [1, d_l], "clip_g": [1, d_g]}: diffusers' advanced SDXL script's, which A1111 and
+        # ComfyUI read as well (one load_textual_inversion per encoder, load_into_pipeline)
+        tensors = dict(zip(XL_EMBEDDINGS, _split(row, embedding))) if xl else {token: row.contiguous()}
+        save_file(tensors, directory / files[token])
     triggers = trigger_words(manifest["subjects"])
     subjects = [{**s, "images": _write_references(directory, triggers[s["token"]], s["images"],
                                                   manifest["resolution"])} for s in manifest["subjects"]]
     manifest = {**manifest, "subjects": subjects, "lora_file": LORA_FILE, "embeddings": files, "triggers": triggers}
-    if tools:
+    if tools and not xl:  # kohya's SDXL key layout (SGM block names) is not written yet
         manifest.update(export_for_tools(directory, lora, embedding, manifest))
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return directory
@@ -205,7 +216,9 @@ def load_weights(directory: str | Path, unet, embedding) -> dict:
     with torch.no_grad():
         for i, token in enumerate(embedding.tokens):
             file = directory / manifest["embeddings"][token]
-            row = _load_tensors(file).get(token)
+            tensors = _load_tensors(file)
+            row = (torch.cat([tensors[k][0] for k in XL_EMBEDDINGS]) if set(XL_EMBEDDINGS) <= set(tensors)
+                   else tensors.get(token))
             if row is None or row.shape != embedding.rows[i].shape:
                 got = "no such tensor" if row is None else f"shape {list(row.shape)}"
                 raise AdapterError(f"{file}: expected a tensor {token!r} of shape {list(embedding.rows[i].shape)}, "
@@ -223,7 +236,7 @@ def load_adapter(directory: str | Path, device: torch.device | str = "cpu") -> t
                                  tuple(manifest["placeholders"][t] for t in tokens))
     add_lora(base.unet, manifest["rank"], manifest["lora_alpha"])
     load_weights(directory, base.unet, embedding)
-    for module in (base.unet, base.text_encoder, base.vae):
+    for module in base.frozen:
         module.to(device)
     return base, manifest
 
@@ -234,5 +247,12 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, directory: str | Path) -> 
     manifest = read_manifest(directory)
     pipe.load_lora_weights(directory, weight_name=manifest["lora_file"])
     for token, file in manifest["embeddings"].items():
-        pipe.load_textual_inversion(directory / file, token=token)
+        if manifest.get("family") == "sdxl":  # each encoder its own vector, as diffusers documents for SDXL
+            tensors = load_file(directory / file)
+            pipe.load_textual_inversion(tensors["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                        tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(tensors["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
+        else:
+            pipe.load_textual_inversion(directory / file, token=token)
     return manifest

@@ -66,6 +66,17 @@ class SD1:
         """`cond` with its size conditioning replaced (SDXL); SD-1.x has none."""
         return cond
 
+    def context(self, encoders, ids: torch.Tensor) -> torch.Tensor:
+        """The cross-attention tokens alone, [N, 77, D] (what AlignIT's K/V swap reads)."""
+        return self.encode(encoders, ids)
+
+    def pipeline(self, base, scheduler):
+        """The stock diffusers pipeline around `base`'s in-memory modules (no reload)."""
+        from diffusers import StableDiffusionPipeline
+        return StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                       unet=base.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
 
 @dataclass(frozen=True)
 class SDXL(SD1):
@@ -121,6 +132,16 @@ class SDXL(SD1):
         time_ids = time_ids.to(cond.device, cond.dtype).expand(len(cond), -1)
         return torch.cat([cond[:, :-1], torch.cat([cond[:, -1, :-TIME_IDS], time_ids], -1)[:, None]], 1)
 
+    def context(self, encoders, ids: torch.Tensor) -> torch.Tensor:
+        return self.encode(encoders, ids, torch.zeros(1, TIME_IDS))[:, :-1]
+
+    def pipeline(self, base, scheduler):
+        from diffusers import StableDiffusionXLPipeline
+        return StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder,
+                                         text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+                                         tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=scheduler,
+                                         add_watermarker=False)
+
 
 def _ids(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -146,6 +167,11 @@ def family_of(ref: str):
         return FAMILIES[BUILT_IN[ref]]
     index = Path(ref) / "model_index.json"
     if index.is_file():
-        return family_named(json.loads(index.read_text()).get("_class_name"))
-    from diffusers import DiffusionPipeline
-    return family_named(DiffusionPipeline.load_config(ref).get("_class_name"))
+        name = json.loads(index.read_text()).get("_class_name")
+    else:
+        from diffusers import DiffusionPipeline
+        name = DiffusionPipeline.load_config(ref).get("_class_name")
+    try:
+        return family_named(name)
+    except ValueError as e:
+        raise ValueError(f"base_model: {ref} {e}") from None

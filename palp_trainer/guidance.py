@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 
 from .config import DEFAULT_OMEGA, METHODS, check_omega, parse_methods  # noqa: F401 (re-exported)
+from .family import family_named
 
 
 def sample(pipe, prompt: str, method: str, *, omega: float = DEFAULT_OMEGA, seeds, steps: int,
@@ -44,7 +45,7 @@ def sample(pipe, prompt: str, method: str, *, omega: float = DEFAULT_OMEGA, seed
         with lora_row_scale(pipe.unet, uncond=omega, cond=1.0):
             return run(prompt)
     if method == "alignit":
-        prompts = alignit_prompts(pipe.tokenizer, prompt, placeholders or {})
+        prompts = alignit_prompts_for(pipe, prompt, placeholders or {})
         with alignit(pipe, prompts, cfg):
             return run(prompts.base_prompt)
     raise ValueError(f"method: unknown {method!r}; choose from {', '.join(METHODS)}")
@@ -145,6 +146,18 @@ def alignit_prompts(tokenizer, prompt: str, placeholders: dict[str, str]) -> Ali
     return AlignITPrompts(base_prompt, torch.tensor([ids]), tuple(positions))
 
 
+def alignit_prompts_for(pipe, prompt: str, placeholders: dict[str, str]) -> AlignITPrompts:
+    """`alignit_prompts` for each of the pipeline's tokenizers (SDXL: two), the placeholders at the same positions
+    in each; personal_ids [1, 77] or, with two, [1, 2, 77] (family.SDXL.tokenize's layout)."""
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) is not None else [])
+    each = [alignit_prompts(tokenizer, prompt, placeholders) for tokenizer in tokenizers]
+    if any(p.positions != each[0].positions for p in each):
+        raise ValueError("alignit: the placeholders sit at different token positions for the two tokenizers")
+    if len(each) == 1:
+        return each[0]
+    return AlignITPrompts(each[0].base_prompt, torch.stack([p.personal_ids[0] for p in each])[None], each[0].positions)
+
+
 def _key_value_input(attn, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
     return attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
 
@@ -203,8 +216,10 @@ def alignit(pipe, prompts: AlignITPrompts, cfg: bool):
     originals = unet.attn_processors
     processors = dict(originals)
     with torch.no_grad():
-        # [1, 77, d]; the learned placeholder rows live in the text encoder's embedding
-        states = pipe.text_encoder(prompts.personal_ids.to(pipe.text_encoder.device))[0].to(unet.dtype)
+        # [1, 77, d]; the learned placeholder rows live in the text encoders' embeddings (SDXL: both, concatenated)
+        family = family_named(type(pipe).__name__)
+        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+        states = family.context(encoders, prompts.personal_ids.to(pipe.text_encoder.device)).to(unet.dtype)
         for name in originals:
             attn = unet.get_submodule(name.removesuffix(".processor"))
             if attn.is_cross_attention:
@@ -223,4 +238,5 @@ def alignit(pipe, prompts: AlignITPrompts, cfg: bool):
 
 
 __all__ = ["METHODS", "DEFAULT_OMEGA", "AlignITPrompts", "AlignITProcessor", "alignit", "alignit_prompts",
+           "alignit_prompts_for",
            "check_omega", "lora_row_scale", "parse_methods", "sample"]

@@ -34,8 +34,10 @@ def cache_model(cache, repo: str, class_name: str) -> None:
 
 def test_built_in_bases_and_a_saved_pipeline_pass(tmp_path):
     assert tiny_main([str(tmp_path / "tiny")]) == 0
-    for ref in ("tiny", "world", str(tmp_path / "tiny"), "s3://bucket/models/tiny-0123"):
+    for ref in ("tiny", "world", str(tmp_path / "tiny")):
         assert check_base(ref) == "Stable Diffusion 1.x/2.x"
+    assert check_base("tiny_xl") == "Stable Diffusion XL"
+    assert check_base("s3://bucket/models/tiny-0123") == "staged"  # checked as a folder when the sweep staged it
 
 
 def test_a_folder_that_is_not_a_supported_pipeline_is_refused(tmp_path):
@@ -44,10 +46,11 @@ def test_a_folder_that_is_not_a_supported_pipeline_is_refused(tmp_path):
         check_base(str(tmp_path / "weights"))
     with pytest.raises(RecipeError, match=r"^base_model: \./missing is not a diffusers pipeline folder"):
         check_base("./missing")
-    (tmp_path / "xl").mkdir()
-    (tmp_path / "xl" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(RecipeError, match=r"is a StableDiffusionXLPipeline; supported: Stable Diffusion 1.x/2.x"):
-        check_base(str(tmp_path / "xl"))
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(RecipeError, match=r"is a FluxPipeline; supported: Stable Diffusion 1.x/2.x "
+                                          r"\(StableDiffusionPipeline\), Stable Diffusion XL \(StableDiffusionXLPipeline\)$"):
+        check_base(str(tmp_path / "flux"))
 
 
 def test_the_prediction_type_is_checked_at_validation(tmp_path):
@@ -67,8 +70,10 @@ def test_a_cached_hub_model_passes_offline(hub):
     cache_model(hub, "stable-diffusion-v1-5/stable-diffusion-v1-5", "StableDiffusionPipeline")
     assert check_base("stable-diffusion-v1-5/stable-diffusion-v1-5") == "Stable Diffusion 1.x/2.x"
     cache_model(hub, "org/an-xl", "StableDiffusionXLPipeline")
-    with pytest.raises(RecipeError, match="org/an-xl is a StableDiffusionXLPipeline"):
-        check_base("org/an-xl")
+    assert check_base("org/an-xl") == "Stable Diffusion XL"
+    cache_model(hub, "org/a-flux", "FluxPipeline")
+    with pytest.raises(RecipeError, match="org/a-flux is a FluxPipeline; supported"):
+        check_base("org/a-flux")
 
 
 def test_an_uncached_id_says_so_and_that_the_hub_is_unreachable(hub, monkeypatch):

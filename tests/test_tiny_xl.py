@@ -1,14 +1,13 @@
-"""The tiny SDXL base (groundwork for SDXL support): a stock StableDiffusionXLPipeline saves, loads and samples it."""
+"""The tiny SDXL base: a stock StableDiffusionXLPipeline saves, loads and samples it."""
 
 import json
 
 import numpy as np
-import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
 from orchestrator.base_model import check_base
-from orchestrator.recipe import RecipeError
+from palp_trainer.config import default_resolution
 from palp_trainer.tiny_xl import main as tiny_xl_main
 
 
@@ -20,6 +19,5 @@ def test_tiny_sdxl_round_trips_through_the_stock_pipeline(tmp_path):
     image = pipe("A photo of a cat", num_inference_steps=2, height=32, width=32, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all() and image.std() > 0
-    # the trainer does not take SDXL yet: refused at validation, in one line
-    with pytest.raises(RecipeError, match="is a StableDiffusionXLPipeline; supported"):
-        check_base(str(tmp_path / "xl"))
+    assert check_base(str(tmp_path / "xl")) == "Stable Diffusion XL"
+    assert default_resolution(str(tmp_path / "xl")) == 1024  # SDXL's size when a recipe leaves it out
