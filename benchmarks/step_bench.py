@@ -96,6 +96,8 @@ class RandomLatents(SubjectLatents):
         self.latents = torch.randn(n, 4, size, size, generator=torch.Generator().manual_seed(1)).to(device, dtype)
         self.subject = torch.zeros(n, dtype=torch.long, device=device)
         self.num_subjects = 1
+        pixels = 8 * size  # photos of the training size, uncropped (SDXL's add_time_ids; other families ignore them)
+        self.time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]] * n, dtype=torch.float32, device=device)
 
 
 def parse_variant(name: str, device: torch.device, dtype: torch.dtype, batch_size: int = 1) -> FastPaths:

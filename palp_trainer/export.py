@@ -72,8 +72,8 @@ def export_adapter(directory: str | Path, unet, embedding, manifest: dict, tools
     subjects = [{**s, "images": _write_references(directory, triggers[s["token"]], s["images"],
                                                   manifest["resolution"])} for s in manifest["subjects"]]
     manifest = {**manifest, "subjects": subjects, "lora_file": LORA_FILE, "embeddings": files, "triggers": triggers}
-    if tools and not xl:  # kohya's SDXL key layout (SGM block names) is not written yet
-        manifest.update(export_for_tools(directory, lora, embedding, manifest))
+    if tools:
+        manifest.update(export_for_tools(directory, lora, embedding, manifest, unet.config.layers_per_block))
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return directory
 

@@ -44,14 +44,32 @@ def lora_name(subjects: list[dict]) -> str:
     return "_".join(["palp", *(_slug(s["name"]) for s in subjects)])
 
 
-def kohya_state_dict(peft_state: dict[str, torch.Tensor], lora_alpha: float) -> dict[str, torch.Tensor]:
+def sgm_name(module: str, layers_per_block: int) -> str:
+    """A diffusers UNet attention module's name in the original (SGM/LDM) UNet, which SDXL LoRAs use: the i-th
+    attention of down block b is input_blocks.{1 + (layers + 1)·b + i}.1, of up block b output_blocks.{(layers + 1)·b
+    + i}.1, the mid block's middle_block.1 (ComfyUI's comfy/utils.py unet_to_diffusers, the same rule)."""
+    n = layers_per_block + 1
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module):
+        return f"input_blocks.{1 + n * int(m[1]) + int(m[2])}.1.{m[3]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", module):
+        return f"output_blocks.{n * int(m[1]) + int(m[2])}.1.{m[3]}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
+        return f"middle_block.1.{m[1]}"
+    raise ValueError(f"kohya export: no SGM name for UNet module {module}")
+
+
+def kohya_state_dict(peft_state: dict[str, torch.Tensor], lora_alpha: float,
+                     sgm_layers: int | None = None) -> dict[str, torch.Tensor]:
     """peft's UNet LoRA ("<module>.lora_A.weight") in kohya's layout: "lora_unet_<module, '.' -> '_'>" with
-    .lora_down.weight [r, in], .lora_up.weight [out, r] and .alpha (the loaders scale by alpha / r).
+    .lora_down.weight [r, in], .lora_up.weight [out, r] and .alpha (the loaders scale by alpha / r). `sgm_layers`
+    (SDXL: the UNet's layers_per_block): modules by their SGM names, as kohya's SDXL networks name them.
 
     diffusers' convert_state_dict_to_kohya writes alpha = r (scale 1), which is wrong whenever lora_alpha != r."""
     out = {}
     for key, weight in peft_state.items():
         module, factor = key.split(".lora_", 1)
+        if sgm_layers is not None:
+            module = sgm_name(module, sgm_layers)
         name = "lora_unet_" + module.replace(".", "_")
         out[f"{name}.{_FACTORS['lora_' + factor]}"] = weight
         out[f"{name}.alpha"] = torch.tensor(float(lora_alpha))  # a 0-d float32, as kohya's LoRAModule saves it
@@ -61,13 +79,15 @@ def kohya_state_dict(peft_state: dict[str, torch.Tensor], lora_alpha: float) -> 
 def kohya_metadata(manifest: dict, name: str, text_width: int) -> dict[str, str]:
     """The ss_* keys A1111 (extensions-builtin/Lora/network.py) and kohya's tools read, and a few modelspec.* keys;
     safetensors metadata values are strings."""
-    version = "sd_v2" if text_width == 1024 else "sd_v1"  # OpenCLIP-H (SD-2.x) or CLIP-L (SD-1.x) text width
+    xl = manifest.get("family") == "sdxl"
+    # SDXL, else OpenCLIP-H's text width (SD-2.x) or CLIP-L's (SD-1.x)
+    version = "sdxl_base_v1-0" if xl else "sd_v2" if text_width == 1024 else "sd_v1"
     resolution, base = manifest["resolution"], manifest["base_model"]
     if base.startswith("/") or "://" in base:  # a folder or storage URI: its name only, as sd-scripts writes it
         base = base.rstrip("/").rsplit("/", 1)[-1]
     triggers = ", ".join(f"{t} = {w}" for t, w in manifest["triggers"].items())
     v = manifest.get("prediction_type", "epsilon") == "v_prediction"
-    architecture = "stable-diffusion-v1" if version == "sd_v1" else (
+    architecture = "stable-diffusion-xl-v1-base" if xl else "stable-diffusion-v1" if version == "sd_v1" else (
         "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512")  # modelspec's names
     return {
         "ss_network_module": "networks.lora",
@@ -92,19 +112,25 @@ def kohya_metadata(manifest: dict, name: str, text_width: int) -> dict[str, str]
     }
 
 
-def export_for_tools(directory: Path, peft_state: dict[str, torch.Tensor], embedding, manifest: dict) -> dict:
+def export_for_tools(directory: Path, peft_state: dict[str, torch.Tensor], embedding, manifest: dict,
+                     layers_per_block: int = 2) -> dict:
     """Write kohya/<name>.safetensors and embeddings/<trigger>.safetensors; returns their manifest entries
     (paths relative to `directory`). `manifest` already holds "triggers"."""
     name = lora_name(manifest["subjects"])
     lora = Path(KOHYA_DIR) / f"{name}.safetensors"
     (directory / KOHYA_DIR).mkdir(exist_ok=True)
-    save_file(kohya_state_dict(peft_state, manifest["lora_alpha"]), directory / lora,
+    sgm = layers_per_block if manifest.get("family") == "sdxl" else None
+    save_file(kohya_state_dict(peft_state, manifest["lora_alpha"], sgm), directory / lora,
               metadata=kohya_metadata(manifest, name, embedding.rows.shape[-1]))
     (directory / EMBEDDINGS_DIR).mkdir(exist_ok=True)
     files = {}
-    for token, row in zip(embedding.tokens, embedding.rows):
+    width = embedding.base.embedding_dim  # the first encoder's columns of a row
+    for token, row in zip(embedding.tokens, embedding.rows.detach().float().cpu()):
         files[token] = (Path(EMBEDDINGS_DIR) / f"{manifest['triggers'][token]}.safetensors").as_posix()
         # {"emb_params": [n_vectors, d]}: what sd-scripts' train_textual_inversion saves; A1111 and ComfyUI take
-        # the single tensor of a safetensors embedding whatever its key; diffusers' load_textual_inversion too
-        save_file({"emb_params": row.detach().float().cpu().reshape(1, -1).contiguous()}, directory / files[token])
+        # the single tensor of a safetensors embedding whatever its key; diffusers' load_textual_inversion too.
+        # SDXL: {"clip_l": [1, d_l], "clip_g": [1, d_g]}, the layout A1111 and ComfyUI read for SDXL embeddings
+        tensors = ({"clip_l": row[None, :width].contiguous(), "clip_g": row[None, width:].contiguous()}
+                   if manifest.get("family") == "sdxl" else {"emb_params": row.reshape(1, -1).contiguous()})
+        save_file(tensors, directory / files[token])
     return {"kohya_lora": lora.as_posix(), "a1111_embeddings": files}

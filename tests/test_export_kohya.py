@@ -23,7 +23,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -34,6 +34,7 @@ from palp_trainer.export_kohya import kohya_state_dict, lora_name, trigger_words
 from palp_trainer.loop import manifest
 from palp_trainer.models import add_lora
 from palp_trainer.tiny import build_tiny, save_tiny
+from palp_trainer.tiny_xl import save_tiny_xl
 from tests.conftest import tiny_config, trained_looking, write_images
 
 RANK, LORA_ALPHA = 4, 8.0  # scale 2: a loader that ignored .alpha (scale 1) would draw other images
@@ -218,3 +219,69 @@ def test_trigger_words_are_plain_and_unique():
     subjects = [{"name": "Cat", "token": "[V1]"}, {"name": "cat", "token": "<v1>"}, {"name": "My Mug!", "token": "*"}]
     assert trigger_words(subjects) == {"[V1]": "palp_cat_v1", "<v1>": "palp_cat_v1_2", "*": "palp_my_mug"}
     assert lora_name(subjects) == "palp_cat_cat_my_mug"
+
+
+# --- SDXL: kohya's SDXL networks, A1111 and ComfyUI name SDXL LoRA modules by the original (SGM) UNet's layers --
+# ComfyUI's unet_config for SDXL, as comfy/supported_models.py SDXL + comfy/model_detection.py give it
+SDXL_UNET_CONFIG = dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10)
+
+
+def test_sdxl_layout_is_named_as_comfyui_a1111_and_kohya_name_sdxl_layers():
+    # SDXL-base's UNet config (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json), on the meta device
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        add_lora(unet, 32)
+    names = {k.split(".", 1)[0] for k in kohya_state_dict(get_peft_model_state_dict(unet), 32, sgm_layers=2)}
+    # ComfyUI's own key for a weight of the LDM model: "lora_unet_" + its name after "diffusion_model.", "." -> "_";
+    # A1111 replaces "lora_unet" with "diffusion_model" and looks that up among the LDM module names
+    ldm = {"lora_unet_" + v.removesuffix(".weight").replace(".", "_") for v in comfy_attention_map(SDXL_UNET_CONFIG).values()}
+    assert len(names) == 560 and names == ldm  # 70 transformer blocks x 2 attn x 4, none left out
+
+
+@pytest.fixture(scope="module")
+def exported_xl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kohya_xl")
+    base_dir = save_tiny_xl(root / "base")
+    subjects = (SubjectSpec("cat", "[V1]", "cat", write_images(root / "cat", 2, seed=0), "A photo of [V1]"),)
+    config = tiny_config((), root / "run", subjects=subjects, base_model=str(base_dir), rank=RANK,
+                         lora_alpha=LORA_ALPHA)
+    base, embedding = trained_looking(config)
+    return export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2, base)), base_dir
+
+
+def test_sdxl_kohya_lora_and_a1111_embeddings_reproduce_the_diffusers_samples(exported_xl):
+    adapter, base_dir = exported_xl
+    m = read_manifest(adapter)
+    with safe_open(adapter / m["kohya_lora"], "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for k in keys)  # SGM names, as kohya's SDXL LoRAs have them
+    emb = load_file(adapter / m["a1111_embeddings"]["[V1]"])
+    assert {k: tuple(v.shape) for k, v in emb.items()} == {"clip_l": (1, 32), "clip_g": (1, 32)}
+
+    def xl_pipe():
+        pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    diffusers_pipe = xl_pipe()
+    plain = sample(diffusers_pipe, "A sketch of cat")
+    load_into_pipeline(diffusers_pipe, adapter)
+    want = sample(diffusers_pipe, "A sketch of [V1]")
+    tools = xl_pipe()
+    tools.load_lora_weights(adapter / m["kohya_lora"])  # diffusers maps kohya's SGM names back (lora_conversion_utils)
+    word = m["triggers"]["[V1]"]
+    tools.load_textual_inversion(emb["clip_l"], token=word, text_encoder=tools.text_encoder, tokenizer=tools.tokenizer)
+    tools.load_textual_inversion(emb["clip_g"], token=word, text_encoder=tools.text_encoder_2,
+                                 tokenizer=tools.tokenizer_2)
+    got = sample(tools, f"A sketch of {word}")
+    assert np.abs(got - want).max() < TOLERANCE
+    assert np.abs(want - plain).max() > 1e-2  # the adapter really changes the image

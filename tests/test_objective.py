@@ -277,7 +277,8 @@ class UNetCalls:
         self.unet = unet
 
     def hook(self, module, args, kwargs):
-        sample, t, enc = args[:3]
+        sample, t = args[:2]
+        enc = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
         self.calls.append({"lora": adapters_on(self.unet), "n": len(sample), "sample": sample.clone(),
                            "enc": enc.clone()})
 
