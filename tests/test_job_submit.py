@@ -1,5 +1,9 @@
-"""The product's main job as a user runs it: `ray start --head`, `ray job submit -- palp-sweep ...`."""
+"""The product's main job as a user runs it: `ray start --head`, `ray job submit -- palp-sweep ...`, then
+`palp-sweep generate` on the registered model. The job sweeps recipes/sdxl_smoke.yaml with base_model set to a tiny
+SDXL folder: training (from_pretrained on the worker), evaluation and the registry on SDXL, then CFG, personalization
+guidance and AlignIT sampled from it."""
 
+import json
 import os
 import shutil
 import socket
@@ -10,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from palp_trainer.tiny_xl import save_tiny_xl
 
 from .ray_procs import session_processes, stop_session
 
@@ -33,9 +39,10 @@ def ray_env() -> dict:
     return env
 
 
-def test_ray_job_submit_smoke_sweep(tmp_path):
+def test_ray_job_submit_sdxl_sweep_then_generate(tmp_path):
     env, gcs, dashboard = ray_env(), free_port(), free_port()
     storage = tmp_path / "runs"
+    base = save_tiny_xl(tmp_path / "tiny-sdxl")
     # its own temp dir (short: Ray's socket paths must fit 107 bytes), so its ray_current_cluster does not
     # replace /tmp/ray's; its own session, so the test stops exactly its processes (`ray stop` stops all)
     temp_dir = tempfile.mkdtemp(prefix="ray-job-", dir="/tmp")
@@ -51,7 +58,8 @@ def test_ray_job_submit_smoke_sweep(tmp_path):
         for _ in range(24):  # under load the head's job agent starts after `ray start` returns
             job = subprocess.run(
                 [BIN / "ray", "job", "submit", "--address", address, "--submission-id", "palp-smoke",
-                 "--working-dir", str(ROOT), "--", "palp-sweep", "recipes/smoke.yaml", f"storage_path={storage}"],
+                 "--working-dir", str(ROOT), "--", "palp-sweep", "recipes/sdxl_smoke.yaml", f"base_model={base}",
+                 "resolution=32", "search.alignment=palp", "eval.methods=[cfg]", f"storage_path={storage}"],
                 env=env, capture_output=True, text=True, timeout=600)
             if "No available agent to submit job" not in job.stderr:
                 break
@@ -65,7 +73,17 @@ def test_ray_job_submit_smoke_sweep(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not session_processes(head.pid), "processes of the test's Ray head survived"
     # outputs live under storage_path and outlive the job's temporary working dir
-    adapters = list(storage.glob("smoke/trials/*/*/adapter/pytorch_lora_weights.safetensors"))
-    assert adapters, f"no adapter under {storage}"
-    assert (storage / "mlflow.db").is_file() and (storage / "smoke" / "report" / "summary.json").is_file()
+    (adapter,) = storage.glob("sdxl-smoke/trials/*/*/adapter")
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    assert manifest["family"] == "sdxl" and manifest["base_model"] == str(base)
+    assert (storage / "mlflow.db").is_file() and (storage / "sdxl-smoke" / "report" / "summary.json").is_file()
     assert "registered: models:/palp-cat-a-sketch-of-v1/1" in job.stdout
+
+    out = tmp_path / "generated"
+    gen = subprocess.run([BIN / "palp-sweep", "generate", "models:/palp-cat-a-sketch-of-v1@champion", "--tracking-uri",
+                          f"sqlite:///{storage / 'mlflow.db'}", "--prompt", "A sketch of [V1]", "--seeds", "0,1",
+                          "--steps", "2", "--method", "cfg,pg,alignit", "--out", str(out), "--clip-model", "tiny"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {f"{m}-seed{s}.png" for m in ("cfg", "pg-0.6", "alignit")
+                                               for s in (0, 1)} | {"grid.png"}
