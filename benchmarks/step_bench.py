@@ -4,9 +4,11 @@
     python benchmarks/step_bench.py --tiny                              # CPU smoke test (times mean nothing)
     python benchmarks/step_bench.py --variants eager fast fast-cuda_graphs --batches 1 16
     python benchmarks/step_bench.py --train-steps 500 --json tta.json   # time-to-adapter through train_loop
+    python benchmarks/step_bench.py --sdxl --batches 1 --json sdxl.json  # GPU: SDXL-size, 1024 px, bf16, rank 32
 
 The architecture is SD-1.5's UNet and CLIP-L's text encoder with random weights (nothing downloaded);
-latents are random [B, 4, 64, 64] (the trainer caches VAE latents, so the VAE is not in the step).
+latents are random [B, 4, 64, 64] (the trainer caches VAE latents, so the VAE is not in the step). `--sdxl`:
+SDXL-base's UNet and its two text encoders (CLIP-L, OpenCLIP-bigG), latents [B, 4, 128, 128] (1024 px).
 Each step is `loop.train_step`, the function `loop.train_loop` calls (make_batch, training_step, one host
 sync for the loss terms, backward, AdamW step, zero_grad), on the model that `loop.build` and
 `loop.make_optimizer` return.
@@ -33,11 +35,12 @@ from unittest import mock
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from palp_trainer import loop
 from palp_trainer.config import TINY_RESOLUTION, EvalConfig, SubjectSpec, TrainConfig
 from palp_trainer.data import SubjectLatents
+from palp_trainer.family import SDXL
 from palp_trainer.models import Base, load_base
 from palp_trainer.task import FastPaths, PalpModel, PalpTask
 from palp_trainer.tiny import SD1_SCHEDULER, build_tokenizer
@@ -53,6 +56,19 @@ SD15_UNET = dict(
 CLIP_L = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True, norm_num_groups=32,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+# its text_encoder_2/config.json: OpenCLIP ViT-bigG/14's text tower, with the projection whose output is pooled
+CLIP_G = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
 )
 # SD-1.5's vae/config.json: only train_loop runs (latent cache, milestone decoding) use it
 SD_VAE = dict(
@@ -71,22 +87,26 @@ KNOBS = tuple(f.name for f in dataclasses.fields(FastPaths))
 LOOP_KNOBS = ("cudnn_benchmark", "fused_adamw")
 
 
-def random_base(device: torch.device, tiny: bool) -> Base:
-    """The tiny model, or SD-1.5's architecture with random weights built on `device` (as load_base leaves it)."""
+def random_base(device: torch.device, tiny: bool, xl: bool = False) -> Base:
+    """The tiny model, or SD-1.5's (`xl`: SDXL's) architecture with random weights built on `device` (as load_base
+    leaves it)."""
     if tiny:
-        return load_base("tiny")
+        return load_base("tiny_xl" if xl else "tiny")
     tokenizer = build_tokenizer()  # ids only need to be valid for the 49408-row table
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**SD15_UNET)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            **CLIP_L, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
+        unet = UNet2DConditionModel(**(SDXL_UNET if xl else SD15_UNET))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, **ids))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G, **ids)) if xl else None
         vae = AutoencoderKL(**SD_VAE)
-    for module in (unet, text_encoder, vae):
+    base = Base("sdxl-random" if xl else "sd15-random", tokenizer, text_encoder, vae, unet,
+                DDPMScheduler(**SD1_SCHEDULER), *((SDXL(), build_tokenizer(), text_encoder_2) if xl else ()))
+    for module in base.frozen:
         module.requires_grad_(False)
         module.eval()
-    return Base("sd15-random", tokenizer, text_encoder, vae, unet, DDPMScheduler(**SD1_SCHEDULER))
+    return base
 
 
 class RandomLatents(SubjectLatents):
@@ -113,11 +133,12 @@ def parse_variant(name: str, device: torch.device, dtype: torch.dtype, batch_siz
     return fast
 
 
-def bench_config(tiny: bool, out_dir: str, **overrides) -> TrainConfig:
+def bench_config(tiny: bool, out_dir: str, xl: bool = False, **overrides) -> TrainConfig:
     fields = dict(
         subjects=(SubjectSpec("cat", "[V1]", "cat", (), "A photo of [V1]"),),
         target_prompt="A sketch of [V1]", clean_prompt="A sketch of cat", output_dir=out_dir,
-        base_model="tiny" if tiny else "sd15-random", resolution=TINY_RESOLUTION if tiny else 512,
+        base_model=("tiny_xl" if xl else "tiny") if tiny else ("sdxl-random" if xl else "sd15-random"),
+        resolution=TINY_RESOLUTION if tiny else 1024 if xl else 512,
         precision="fp32" if tiny else "bf16", rank=4 if tiny else 32, progress=False,
     )
     return TrainConfig(**{**fields, **overrides})
@@ -190,7 +211,7 @@ def profile_steps(task, data, optimizer, batch_size: int, steps: int, device) ->
 
 def run_one(base, embedding, lora_params, device, dtype, args, variant: str, mode: str, batch_size: int,
             out_dir: str, profile: bool) -> dict:
-    config = bench_config(args.tiny, out_dir, batch_size=batch_size, **MODES[mode])
+    config = bench_config(args.tiny, out_dir, args.sdxl, batch_size=batch_size, **MODES[mode])
     fast = parse_variant(variant, device, dtype, batch_size)
     torch.backends.cudnn.benchmark = "+cudnn_benchmark" in variant
     if not fast.channels_last:  # a previous run may have left the UNet in NHWC
@@ -333,6 +354,7 @@ def time_to_adapter(args, device: torch.device, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke test")
+    parser.add_argument("--sdxl", action="store_true", help="SDXL's architecture (with --tiny: the tiny SDXL)")
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--variants", nargs="*", default=["eager", "fast"], help="none: time to adapter alone")
@@ -352,9 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if args.sdxl and args.train_steps:
+        raise SystemExit("--train-steps times the SD-1.5 trainer end to end; with --sdxl, time steps alone")
     if device.type == "cpu" and not args.tiny:
         raise SystemExit("no CUDA device: the full-size benchmark needs a GPU; use --tiny for the CPU smoke test")
-    dtype = loop.DTYPES[bench_config(args.tiny, "-").precision]
+    dtype = loop.DTYPES[bench_config(args.tiny, "-", args.sdxl).precision]
     report = {"versions": versions(device), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     started = time.perf_counter()
 
@@ -369,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     profiled = {tuple(s.split(":")[:2]) + (int(s.split(":")[2]),) for s in args.profile}
     with tempfile.TemporaryDirectory() as tmp:
         if plan:
-            base = random_base(device, args.tiny)
-            base, embedding, lora_params = loop.build(bench_config(args.tiny, tmp), device, base)
+            base = random_base(device, args.tiny, args.sdxl)
+            base, embedding, lora_params = loop.build(bench_config(args.tiny, tmp, args.sdxl), device, base)
             for variant, mode, batch_size in plan:
                 if time.perf_counter() - started > args.budget_s:
                     report["runs"].append({"variant": variant, "mode": mode, "batch": batch_size,
