@@ -124,8 +124,9 @@ class SDXL(SD1):
     def unconditional(self, base, device, resolution: int) -> torch.Tensor:
         # force_zeros_for_empty_prompt (the SDXL default): ∅ is zeros, text and pooled alike, with the sample's sizes
         width = base.text_encoder.config.hidden_size + base.text_encoder_2.config.hidden_size
-        context = torch.zeros(1, base.tokenizer.model_max_length, width, device=device)
-        pooled = torch.zeros(1, base.text_encoder_2.config.projection_dim, device=device)
+        dtype = base.text_encoder_2.dtype  # as the encoders' outputs: the compute dtype without autocast
+        context = torch.zeros(1, base.tokenizer.model_max_length, width, device=device, dtype=dtype)
+        pooled = torch.zeros(1, base.text_encoder_2.config.projection_dim, device=device, dtype=dtype)
         return self.pack(context, pooled, self.default_time_ids(resolution))
 
     def retime(self, cond: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:

@@ -184,13 +184,14 @@ def test_lora_in_compute_dtype_is_bit_identical_under_autocast(subject_images, t
     assert counts[1] < counts[0] - len(fast.lora_layers), counts
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA")])])
-def test_native_dtype_is_as_close_to_fp32_as_autocast(subject_images, tmp_path, device):
+@pytest.mark.parametrize("device,base_model", [("cpu", "tiny"), ("cpu", "tiny_xl"), pytest.param(
+    "cuda", "tiny", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_native_dtype_is_as_close_to_fp32_as_autocast(subject_images, tmp_path, device, base_model):
     """bf16 without autocast (norms in bf16, LoRA masters cast once) against bf16 autocast: both are bf16
     approximations of the fp32 step; native's error to fp32 stays of the same size as autocast's.
     (CPU autocast keeps norms in bf16 too, so there the two agree exactly; CUDA's upcasts them.)"""
-    task, base, embedding, lora, data = setup(subject_images, tmp_path, torch.device(device), precision="bf16")
+    task, base, embedding, lora, data = setup(subject_images, tmp_path, torch.device(device), precision="bf16",
+                                              base_model=base_model)
     params = lora + [embedding.rows]
     names = [n for n, _ in base.unet.named_parameters()]
     autocast, native = task(FastPaths()), task(FastPaths(native_dtype=True))
@@ -203,7 +204,8 @@ def test_native_dtype_is_as_close_to_fp32_as_autocast(subject_images, tmp_path, 
     assert all(p.dtype == torch.float32 and isinstance(p, torch.nn.Parameter) for p in lora)
     assert all(m.weight is w and isinstance(w, torch.nn.Parameter) for m, w in zip(linears, masters))
     # fp32 reference: the same weights, upcast
-    base.unet.float(), base.text_encoder.float()
+    for module in base.frozen:
+        module.float()
     ref = terms_and_grads(task(FastPaths(), torch.float32), {k: v.float() if v.is_floating_point() else v for k, v in batch.items()},
                           params)
     scale = ref[0]["denoise_loss"].abs()  # the summed loss's scale (the align term is a small difference)
@@ -249,11 +251,14 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("alignment,fold", [("palp", True), ("palp", False), ("sds", False), ("nfsd", False),
-                                            ("none", False)])
-def test_step_is_capturable_no_host_syncs(subject_images, tmp_path, alignment, fold):
-    """What `capture` records, forward and backward, reads nothing back to the host (checked on CPU)."""
-    task, base, embedding, lora, data = setup(subject_images, tmp_path, precision="bf16", alignment=alignment, beta=2.0)
+@pytest.mark.parametrize("alignment,fold,base_model", [
+    ("palp", True, "tiny"), ("palp", False, "tiny"), ("sds", False, "tiny"), ("nfsd", False, "tiny"),
+    ("none", False, "tiny"), ("palp", True, "tiny_xl"), ("nfsd", False, "tiny_xl")])
+def test_step_is_capturable_no_host_syncs(subject_images, tmp_path, alignment, fold, base_model):
+    """What `capture` records, forward and backward, reads nothing back to the host (checked on CPU); SDXL's
+    added conditioning (pooled text, time ids) included."""
+    task, base, embedding, lora, data = setup(subject_images, tmp_path, precision="bf16", alignment=alignment, beta=2.0,
+                                              base_model=base_model)
     fast = task(FastPaths(fold_alignment=fold, native_dtype=True, lora_compute_dtype=True, channels_last=True))
     batch = fast.make_batch(torch.Generator().manual_seed(0), data, 2)
     args = (batch["latents"], batch["eps"], batch["t"], batch["eps_align"], batch["subject"], batch["time_ids"])
