@@ -255,11 +255,13 @@ def browse_lines(uri: str, experiment_id: str) -> list[str]:
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, note: str | None = None, **tags) -> None:
-    """Close a run with a true status; `note` (why it ended so) goes in its description and tags."""
+    """Close a run with a true status; `note` (why it ended so) goes first in its description (above the samples
+    the trial put there, RunLog.samples) and in its tags."""
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
     if note:
-        client.set_tag(run_id, "mlflow.note.content", note)
+        samples = client.get_run(run_id).data.tags.get("mlflow.note.content")
+        client.set_tag(run_id, "mlflow.note.content", note + (f"\n\n{samples}" if samples else ""))
     client.set_terminated(run_id, status)
 
 

@@ -4,6 +4,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
@@ -63,11 +64,18 @@ class RunLog:
 
     def samples(self, path, key: str, step: int) -> None:
         """A sample grid, upscaled: as an MLflow image under `key` at `step` (the run page's image cards, with
-        a step slider) and as the artifact samples/<file name>."""
+        a step slider) and as the artifact samples/<file name>. The milestone grid ("samples") also becomes the
+        run's description, so the run's Overview, the page a click on the run opens, shows its latest samples."""
         with Image.open(path) as grid:
             image = upscaled(grid.convert("RGB"))
+        artifact = f"samples/{Path(path).name}"
         self.client.log_image(self.run_id, image, key=key, step=step)
-        self.client.log_image(self.run_id, image, artifact_file=f"samples/{Path(path).name}")
+        self.client.log_image(self.run_id, image, artifact_file=artifact)
+        if key == "samples":
+            # relative to the UI's address, as orchestrator/model_card.py links artifacts (the /get-artifact endpoint)
+            link = f"get-artifact?path={quote(artifact, safe='')}&run_uuid={self.run_id}"
+            self.client.set_tag(self.run_id, "mlflow.note.content",
+                                f"**Samples at step {step}** (CFG, the evaluation seeds)\n\n![samples at step {step}]({link})")
 
     def artifact(self, path, folder: str) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)

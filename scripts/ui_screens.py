@@ -6,8 +6,9 @@ Not part of `make test` (it needs a browser).
 
 Writes, for the newest sweep of the experiment (--experiment, default: the newest experiment with a sweep):
 runs.png (the runs view the sweep's browse line opens: the winner on top), parent.png (the sweep's run: its
-description and winners), trial.png (the winner's run showing its best sample grid), model.png and version.png
-(its registered model and version, with the champion's samples). Exits 1 when the experiment has no runs
+description and winners), trial.png (the winner's run as a click on it opens it: Overview, whose metrics and
+parameters MLflow 3 shows without images), samples.png (its Artifacts tab on its best sample grid), model.png
+and version.png (its registered model and version with the champion's samples; tall enough to show the tags). Exits 1 when the experiment has no runs
 (through the REST API) or the runs view renders none of them (Chromium's DOM), 2 on a usage error.
 
 With --store the server runs on a free port of 127.0.0.1 and is stopped at the end; the pages are opened as
@@ -86,8 +87,8 @@ def wait_for_chromium(seconds: int = 600) -> None:
         time.sleep(5)
 
 
-def chromium(*args: str, resolve: str | None) -> str:
-    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={WINDOW}",
+def chromium(*args: str, resolve: str | None, window: str = WINDOW) -> str:
+    flags = ["--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={window}",
              f"--virtual-time-budget={BUDGET_MS}"]
     if resolve:
         flags.append(f"--host-resolver-rules=MAP {resolve} 127.0.0.1")
@@ -154,26 +155,27 @@ def screens(client: MlflowClient, base: str, out: Path, experiment_name: str | N
     winner = next((c for c in children if prefix and c.data.tags.get(TRIAL_TAG) == tags[f"{prefix}.trial"]),
                   children[0])
     [runs_url] = browse_lines(base, eid)  # what the sweep printed, with this server's address
-    pages = {"runs": runs_url, "parent": f"{base}/{run_link(eid, parent.info.run_id)}"}
-    if prefix:  # the run's artifact view, opened on its best sample grid
+    # name -> (url, window): tall enough that each page's key content is on screen without scrolling
+    pages = {"runs": (runs_url, WINDOW), "parent": (f"{base}/{run_link(eid, parent.info.run_id)}", "1600,1400"),
+             "trial": (f"{base}/{run_link(eid, winner.info.run_id)}", "1600,1500")}  # what a click on the run opens
+    if prefix:  # the run's Artifacts tab, opened on its best sample grid (the Overview tab shows no images)
         grid = samples_artifact({"step": metrics[f"{prefix}.step"], "best_method": tags[f"{prefix}.best_method"]})
-        pages["trial"] = f"{base}/#/experiments/{eid}/runs/{winner.info.run_id}/artifacts/{grid}" \
-                         "?workflowType=machine_learning"
-    else:
-        pages["trial"] = f"{base}/{run_link(eid, winner.info.run_id)}"
+        pages["samples"] = (f"{base}/#/experiments/{eid}/runs/{winner.info.run_id}/artifacts/{grid}"
+                            "?workflowType=machine_learning", WINDOW)
     model = tags.get(f"{prefix}.model") if prefix else None
     if model:
         name, version = model.removeprefix("models:/").rsplit("/", 1)
-        pages |= {"model": f"{base}/#/models/{name}", "version": f"{base}/#/models/{name}/versions/{version}"}
+        pages |= {"model": (f"{base}/#/models/{name}", "1600,1500"),
+                  "version": (f"{base}/#/models/{name}/versions/{version}", "1600,1900")}
     dom = chromium("--dump-dom", runs_url, resolve=resolve)
     shown = [c.info.run_name for c in children if c.info.run_name in dom]
     if not shown:
         print(f"ui_screens: the runs view shows none of the sweep's {len(children)} trial runs: {runs_url}",
               file=sys.stderr)
         return 1
-    for name, url in pages.items():
+    for name, (url, window) in pages.items():
         path = out / f"{name}.png"
-        chromium(f"--screenshot={path.resolve()}", url, resolve=resolve)
+        chromium(f"--screenshot={path.resolve()}", url, resolve=resolve, window=window)
         if not path.is_file():
             print(f"ui_screens: chromium wrote no {path} for {url}", file=sys.stderr)
             return 1

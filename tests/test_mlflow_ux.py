@@ -71,6 +71,9 @@ def test_runlog_samples_logs_an_image_with_its_step_and_a_big_artifact(tmp_path)
     local = client.download_artifacts(run_id, "samples/step-000100.png", str(tmp_path / "dl"))
     assert Image.open(local).size == (576, 576)
     assert client.get_run(run_id).data.tags["mlflow.loggedImages"] == "True"
+    # the run's description (its Overview page) shows the latest milestone grid, by the artifact's UI link
+    note = client.get_run(run_id).data.tags["mlflow.note.content"]
+    assert f"(get-artifact?path=samples%2Fstep-000100.png&run_uuid={run_id})" in note and "step 100" in note
 
 
 def test_sampling_defaults_follow_the_best_method():
