@@ -88,19 +88,20 @@ class PlaceholderEmbedding(nn.Module):
     """
 
     def __init__(self, base: nn.Embedding, first_id: int, init: torch.Tensor, tokens: tuple[str, ...],
-                 columns: slice = slice(None)):
+                 columns: slice | None = None):
         super().__init__()
         self.base = base
         self.first_id = first_id
         self.tokens = tokens  # row i is tokens[i]
-        self.columns = columns
+        self.columns = columns  # None: all of them (one text encoder), so the step has no slice to backpropagate
         self.rows = nn.Parameter(init.clone().float())  # [n_placeholders, d], fp32 master
         # a trial group's member rows, [K·n_placeholders, d], stand in for `rows` while set (group.GroupModel)
         self.override: torch.Tensor | None = None
 
     def current(self) -> torch.Tensor:
         """This table's placeholder rows: its columns of `rows`, or of a trial group's override."""
-        return (self.rows if self.override is None else self.override)[:, self.columns]
+        rows = self.rows if self.override is None else self.override
+        return rows if self.columns is None else rows[:, self.columns]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -160,7 +161,8 @@ def add_placeholders(base: Base, tokens: tuple[str, ...], class_words: tuple[str
         firsts.append(first_id)
         inits.append(torch.stack(init))
     widths = [t.embedding_dim for t in tables]
-    embedding = PlaceholderEmbedding(tables[0], firsts[0], torch.cat(inits, -1), tuple(tokens), slice(0, widths[0]))
+    embedding = PlaceholderEmbedding(tables[0], firsts[0], torch.cat(inits, -1), tuple(tokens),
+                                     slice(0, widths[0]) if len(tables) > 1 else None)
     base.text_encoder.set_input_embeddings(embedding)
     if base.text_encoder_2 is not None:
         base.text_encoder_2.set_input_embeddings(
