@@ -33,7 +33,6 @@ class SD1:
     name: str = "sd"
     pipeline_class: str = "StableDiffusionPipeline"
     label: str = "Stable Diffusion 1.x/2.x"
-    resolution: int = 512  # the default training and sampling size
 
     def load(self, ref: str) -> dict:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -59,7 +58,8 @@ class SD1:
         return self.encode(base.encoders, self.tokenize(base, [""], device))
 
     def default_time_ids(self, resolution: int, n: int = 1) -> torch.Tensor:
-        """What a sample of `resolution` px is conditioned on: no original size, no crop (SDXL's defaults)."""
+        """What a sample of `resolution` px is conditioned on: original size = target size, no crop (what
+        StableDiffusionXLPipeline passes when a call gives no sizes)."""
         return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32).repeat(n, 1)
 
     def retime(self, cond: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,6 @@ class SDXL(SD1):
     name: str = "sdxl"
     pipeline_class: str = "StableDiffusionXLPipeline"
     label: str = "Stable Diffusion XL"
-    resolution: int = 1024
 
     def load(self, ref: str) -> dict:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
