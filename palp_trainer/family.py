@@ -1,4 +1,4 @@
-"""Model families: what differs between SD-1.x/2.x and SDXL, in one object per family.
+"""Model families: what differs between SD-1.x/2.x and SDXL, in one object per family (docs/families.md).
 
 The trainer, the trial groups, evaluation and export call these few methods and nothing family-specific:
 
@@ -7,14 +7,17 @@ The trainer, the trial groups, evaluation and export call these few methods and 
 - `encode(encoders, ids, time_ids)`: the conditioning of those prompts as ONE tensor, [N, L, D];
 - `denoise(unet, x, t, cond)`: the UNet's output on that conditioning;
 - `unconditional(base, device, resolution)`: the conditioning of ∅, as the family's pipeline builds it for CFG;
-- `pipeline_class`: the stock diffusers pipeline that samples and loads the exported files.
+- `retime(cond, time_ids)`: the conditioning at other sizes (a sample's instead of a photo's);
+- `context(encoders, ids)`: the cross-attention tokens alone (AlignIT);
+- `pipeline(base, scheduler)`: the stock diffusers pipeline that samples and loads the exported files.
 
 One tensor per conditioning keeps every batch operation of the step (expand, cat, repeat, detach, DDP, CUDA
 graphs) family-blind. SDXL's extra conditioning (the pooled text embedding of its second encoder and the six
-`add_time_ids`) rides in one extra row after the 77 token rows: [pooled | time ids | 0]; `denoise` splits it off
+`add_time_ids`) rides in one extra row after the 77 token rows: [pooled | 0 | time ids]; `denoise` splits it off
 before the UNet sees the context. Predictions are converted to ε (v-prediction) by the task, for every family.
 
-Adding a family (a DiT or flow-matching base) is a new class here and an entry in FAMILIES.
+Another text-to-image UNet family is a new class here and an entry in FAMILIES; a flow-matching base also needs
+its own noising and prediction type (docs/families.md).
 """
 
 import json
