@@ -59,7 +59,8 @@ def test_ray_job_submit_sdxl_sweep_then_generate(tmp_path):
             job = subprocess.run(
                 [BIN / "ray", "job", "submit", "--address", address, "--submission-id", "palp-smoke",
                  "--working-dir", str(ROOT), "--", "palp-sweep", "recipes/sdxl_smoke.yaml", f"base_model={base}",
-                 "resolution=32", "search.alignment=palp", "eval.methods=[cfg]", f"storage_path={storage}"],
+                 "resolution=32", "search.alignment=palp", "search.steps=[4]", "eval.methods=[cfg]",
+                 f"storage_path={storage}"],
                 env=env, capture_output=True, text=True, timeout=600)
             if "No available agent to submit job" not in job.stderr:
                 break
