@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.generate import main as generate_main
 from palp_trainer.tiny_xl import save_tiny_xl
 
 from .ray_procs import session_processes, stop_session
@@ -80,11 +81,9 @@ def test_ray_job_submit_sdxl_sweep_then_generate(tmp_path):
     assert (storage / "mlflow.db").is_file() and (storage / "sdxl-smoke" / "report" / "summary.json").is_file()
     assert "registered: models:/palp-cat-a-sketch-of-v1/1" in job.stdout
 
-    out = tmp_path / "generated"
-    gen = subprocess.run([BIN / "palp-sweep", "generate", "models:/palp-cat-a-sketch-of-v1@champion", "--tracking-uri",
-                          f"sqlite:///{storage / 'mlflow.db'}", "--prompt", "A sketch of [V1]", "--seeds", "0,1",
-                          "--steps", "2", "--method", "cfg,pg,alignit", "--out", str(out), "--clip-model", "tiny"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert gen.returncode == 0, gen.stderr[-3000:]
+    out = tmp_path / "generated"  # `palp-sweep generate`, in this process (its imports are loaded already)
+    assert generate_main(["models:/palp-cat-a-sketch-of-v1@champion", "--tracking-uri", f"sqlite:///{storage / 'mlflow.db'}",
+                          "--prompt", "A sketch of [V1]", "--seeds", "0,1", "--steps", "2", "--method", "cfg,pg,alignit",
+                          "--out", str(out), "--clip-model", "tiny"]) == 0
     assert {p.name for p in out.iterdir()} == {f"{m}-seed{s}.png" for m in ("cfg", "pg-0.6", "alignit")
                                                for s in (0, 1)} | {"grid.png"}
