@@ -259,8 +259,10 @@ def end_run(client: MlflowClient, run_id: str, status: str, note: str | None = N
     the trial put there, RunLog.samples) and in its tags."""
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
-    if note:
-        samples = client.get_run(run_id).data.tags.get("mlflow.note.content")
+    if note:  # replaces an earlier why-it-ended note (a stop can follow a lost actor), keeps the samples
+        from palp_trainer.runlog import SAMPLES_NOTE
+        current = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
+        samples = current[current.index(SAMPLES_NOTE):] if SAMPLES_NOTE in current else ""
         client.set_tag(run_id, "mlflow.note.content", note + (f"\n\n{samples}" if samples else ""))
     client.set_terminated(run_id, status)
 

@@ -11,6 +11,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+SAMPLES_NOTE = "**Samples at step"  # how a run's description shows its samples begins (RunLog.samples, tracking.end_run)
 MIN_WIDTH = 512  # px: a 32 px model's 3x3 grid (96 px) is a speck in the MLflow UI
 
 
@@ -75,7 +76,7 @@ class RunLog:
             # relative to the UI's address, as orchestrator/model_card.py links artifacts (the /get-artifact endpoint)
             link = f"get-artifact?path={quote(artifact, safe='')}&run_uuid={self.run_id}"
             self.client.set_tag(self.run_id, "mlflow.note.content",
-                                f"**Samples at step {step}** (CFG, the evaluation seeds)\n\n![samples at step {step}]({link})")
+                                f"{SAMPLES_NOTE} {step}** (CFG, the evaluation seeds)\n\n![samples at step {step}]({link})")
 
     def artifact(self, path, folder: str) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)

@@ -13,7 +13,7 @@ from orchestrator import model_card, overview
 from orchestrator.labels import md_escape, md_plain, run_name, short_id, trial_label
 from orchestrator.recipe import Prompt, Subject
 from orchestrator.recipe_yaml import load_recipe
-from orchestrator.tracking import VIEW_TAG, Tracking, browse_lines, runs_view, source_tags
+from orchestrator.tracking import VIEW_TAG, Tracking, browse_lines, end_run, runs_view, source_tags
 from palp_trainer.pyfunc_model import DEFAULT_PARAMS, model_config, sampling_defaults, signature
 from palp_trainer.runlog import RunLog, upscaled
 
@@ -74,6 +74,10 @@ def test_runlog_samples_logs_an_image_with_its_step_and_a_big_artifact(tmp_path)
     # the run's description (its Overview page) shows the latest milestone grid, by the artifact's UI link
     note = client.get_run(run_id).data.tags["mlflow.note.content"]
     assert f"(get-artifact?path=samples%2Fstep-000100.png&run_uuid={run_id})" in note and "step 100" in note
+    # why the run ended goes above the samples; a later reason replaces an earlier one (a stop after a lost actor)
+    end_run(client, run_id, "FINISHED", note="failed: the actor died")
+    end_run(client, run_id, "FINISHED", note="stopped by ASHA at step 100")
+    assert client.get_run(run_id).data.tags["mlflow.note.content"] == "stopped by ASHA at step 100\n\n" + note
 
 
 def test_sampling_defaults_follow_the_best_method():
