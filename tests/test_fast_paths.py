@@ -12,6 +12,7 @@ from palp_trainer.data import SubjectLatents
 from palp_trainer.loop import build, make_optimizer, train_step
 from palp_trainer.task import FastPaths, PalpModel, PalpTask
 from tests.conftest import tiny_config
+from tests.numerics import ALIGN_TOL, AlignScale
 
 CPU = torch.device("cpu")
 PLAIN = FastPaths()
@@ -34,16 +35,23 @@ def setup(images, tmp_path, device=CPU, precision="fp32", **overrides):
 
 
 def terms_and_grads(task, batch, params):
-    terms = task.training_step(batch)
+    """(the step's terms, the gradients of their sum, the alignment term's scale: tests/numerics.py)."""
+    with AlignScale() as spy:
+        terms = task.training_step(batch)
     grads = torch.autograd.grad(sum(terms.values()), params)
-    return {k: v.detach() for k, v in terms.items()}, grads
+    scale = task.config.align_weight * task.config.align_every * spy.scales[0] if spy.scales else 0.0
+    return {k: v.detach() for k, v in terms.items()}, grads, scale
 
 
 def assert_same_step(a, b, rtol, atol):
-    (terms_a, grads_a), (terms_b, grads_b) = a, b
+    """The denoising loss and the gradients to rtol/atol; the alignment term to ALIGN_TOL of its scale."""
+    (terms_a, grads_a, _), (terms_b, grads_b, align_scale) = a, b
     assert terms_a.keys() == terms_b.keys()
     for k in terms_a:
-        torch.testing.assert_close(terms_a[k], terms_b[k], rtol=rtol, atol=atol)
+        if k == "align_loss":
+            assert abs(terms_a[k] - terms_b[k]) <= ALIGN_TOL * align_scale, (terms_a[k], terms_b[k], align_scale)
+        else:
+            torch.testing.assert_close(terms_a[k], terms_b[k], rtol=rtol, atol=atol)
     for x, y in zip(grads_a, grads_b):
         assert x.abs().max() > 0
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
