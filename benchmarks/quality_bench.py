@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from palp_trainer import world
 from palp_trainer.config import EvalConfig, SubjectSpec, TrainConfig
 from palp_trainer.data import read_image
-from palp_trainer.evaluate import generate, pipeline_from
+from palp_trainer.sampling import generate, pipeline_from
 from palp_trainer.judge import HEADS, WorldJudge, _blur
 from palp_trainer.loop import train_loop
 from palp_trainer.models import load_base

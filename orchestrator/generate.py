@@ -19,7 +19,7 @@ from pathlib import Path
 from palp_trainer.config import DEFAULT_OMEGA, METHODS, check_guidance_scale, check_seeds, parse_methods
 from palp_trainer.errors import DataError
 
-from .cli import OneLineParser, UsageError, output_folder
+from .cli_args import OneLineParser, UsageError, output_folder
 from .recipe import slugify
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -184,7 +184,7 @@ def _run(args) -> int:
     _tracking(args.source, args.tracking_uri)
 
     # diffusers' pipelines load in seconds: only after the command line is known to be good
-    from palp_trainer.evaluate import pipeline_from
+    from palp_trainer.sampling import pipeline_from
     from palp_trainer.export import load_adapter, read_manifest
     from palp_trainer.guidance import alignit_prompts, sample
     from palp_trainer.scoring import Scorer, placeholders_in, replace_placeholders

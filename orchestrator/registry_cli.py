@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from .cli import OneLineParser, UsageError, output_folder
+from .cli_args import OneLineParser, UsageError, output_folder
 from .labels import md_plain
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"

@@ -1,6 +1,6 @@
 """Inference-time methods on a trained adapter: plain CFG, personalization guidance, AlignIT.
 
-All three sample through `evaluate.generate` (same seeds, same scheduler, one batched UNet call per step):
+All three sample through `sampling.generate` (same seeds, same scheduler, one batched UNet call per step):
 
 - `cfg`:     ε̃ = ε_ft(x_t, ∅) + w·(ε_ft(x_t, y) − ε_ft(x_t, ∅)).
 - `pg`:      ε̃ = ε_ω(x_t, ∅) + w·(ε_ft(x_t, y) − ε_ω(x_t, ∅)), θ_ω = θ_pre + ω·(θ_ft − θ_pre), i.e. the LoRA
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 
-from .config import DEFAULT_OMEGA, METHODS, check_omega, parse_methods  # noqa: F401 (re-exported)
+from .config import DEFAULT_OMEGA, METHODS, check_omega
 from .family import family_named
+from .sampling import generate
 
 
 def sample(pipe, prompt: str, method: str, *, omega: float = DEFAULT_OMEGA, seeds, steps: int,
@@ -29,7 +30,6 @@ def sample(pipe, prompt: str, method: str, *, omega: float = DEFAULT_OMEGA, seed
            placeholders: dict[str, str] | None = None) -> list[Image.Image]:
     """One image per seed with `method` ("cfg" | "pg" | "alignit"); an image depends only on its seed,
     so the methods are compared on identical starting noise. `placeholders`: token -> class word."""
-    from .evaluate import generate  # here: recipe validation imports parse_methods without diffusers
 
     def run(text: str) -> list[Image.Image]:
         return generate(pipe, text, tuple(seeds), steps, guidance_scale, batch_size, resolution)
@@ -235,8 +235,3 @@ def alignit(pipe, prompts: AlignITPrompts, cfg: bool):
             yield
     finally:
         unet.set_attn_processor(dict(originals))
-
-
-__all__ = ["METHODS", "DEFAULT_OMEGA", "AlignITPrompts", "AlignITProcessor", "alignit", "alignit_prompts",
-           "alignit_prompts_for",
-           "check_omega", "lora_row_scale", "parse_methods", "sample"]

@@ -52,7 +52,7 @@ class PalpPipelineModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from palp_trainer.evaluate import pipeline_from
+        from palp_trainer.sampling import pipeline_from
         from palp_trainer.export import load_adapter
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base, self.manifest = load_adapter(context.artifacts["adapter"], device)
@@ -61,7 +61,7 @@ class PalpPipelineModel(mlflow.pyfunc.PythonModel):
         self.defaults = {**DEFAULT_PARAMS, **(context.model_config or {}).get("sampling", {})}
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[bytes]:
-        from palp_trainer.evaluate import generate
+        from palp_trainer.sampling import generate
         p = {**self.defaults, **(params or {})}
         resolution = self.manifest["resolution"]
         if p["method"] == "cfg":

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from palp_trainer.config import EvalConfig
-from palp_trainer.evaluate import evaluate_adapter, generate, pipeline_from, save_grid
+from palp_trainer.evaluate import evaluate_adapter
+from palp_trainer.sampling import generate, pipeline_from, save_grid
 from palp_trainer.loop import build
 from tests.conftest import tiny_config
 

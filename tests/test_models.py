@@ -32,7 +32,7 @@ def test_a_v_prediction_base_trains_and_its_adapter_says_so(tmp_path, subject_im
     """A diffusers folder whose scheduler predicts v (SD-2.x 768) loads through from_pretrained, trains (the step's
     terms against the paper: tests/test_objective.py), samples with a v-configured scheduler and exports with
     its prediction type named; an x_0-predicting one is refused, naming the field."""
-    from palp_trainer.evaluate import pipeline_from
+    from palp_trainer.sampling import pipeline_from
     from palp_trainer.loop import train_loop
     from tests.conftest import tiny_config
 

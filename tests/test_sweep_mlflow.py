@@ -230,7 +230,7 @@ def test_registry_version_alias_and_pyfunc(sweep, tmp_path):
 
     # the trainer's own generation path on the same adapter and seed
     assert models_main(["--tracking-uri", sweep["uri"], "pull", f"{model.name}@champion", str(tmp_path / "pulled")]) == 0
-    from palp_trainer.evaluate import generate, pipeline_from
+    from palp_trainer.sampling import generate, pipeline_from
     from palp_trainer.export import load_adapter
     base, manifest = load_adapter(tmp_path / "pulled")
     for file in (manifest["kohya_lora"], *manifest["a1111_embeddings"].values(),
