@@ -16,7 +16,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from palp_trainer.config import DEFAULT_OMEGA, METHODS, check_guidance_scale, check_seeds, parse_methods
+from palp_trainer.config import (DEFAULT_OMEGA, METHODS, base_defaults, check_guidance_scale, check_seeds,
+                                 parse_methods)
 from palp_trainer.errors import DataError
 
 from .cli_args import OneLineParser, UsageError, output_folder
@@ -200,7 +201,7 @@ def _run(args) -> int:
     scorer, refs, why = None, None, "--no-score"
     if not args.no_score:
         refs, why = _references(adapter, manifest, used)
-    world_judge = manifest["base_model"] == "world" and not args.clip_model
+    world_judge = base_defaults(manifest["base_model"]).scorer == "world" and not args.clip_model
     if refs and world_judge:  # the judge reads the subjects off their references: nothing to score without them
         from palp_trainer.judge import WorldJudge
         scorer = WorldJudge()

@@ -3,11 +3,12 @@ text made safe for MLflow's markdown descriptions."""
 
 import re
 
+from palp_trainer.config import ALIGNMENT_ONLY
+
 from .recipe import format_value
 
 # knob -> how a label writes it: "α7.5", "r4", "lr=1e-4"
 SYMBOLS = {"alpha": "α", "beta": "β", "rank": "r", "align_weight": "λ"}
-PALP_ONLY = ("alpha", "beta", "align_weight", "align_every", "same_noise")  # unused without an alignment term
 ARMS = {"none": "baseline"}  # alignment: none is the paper's TI+DB baseline
 RUN_NAME_LIMIT = 60
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|<>~])")
@@ -23,7 +24,7 @@ def trial_label(alignment: str, searched: dict) -> str:
     the baseline arm leaves out PALP's own knobs ('baseline r4')."""
     parts = [ARMS.get(alignment, alignment)]
     for key, value in searched.items():
-        if key in ("alignment", "pair", "steps") or (alignment == "none" and key in PALP_ONLY):
+        if key in ("alignment", "pair", "steps") or (alignment == "none" and key in ALIGNMENT_ONLY):
             continue
         parts.append(f"{SYMBOLS[key]}{format_value(value)}" if key in SYMBOLS else f"{key}={format_value(value)}")
     return " ".join(parts)

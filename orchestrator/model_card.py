@@ -7,6 +7,8 @@ under `mlflow ui`, a server, or a server behind a path prefix.
 
 from urllib.parse import quote
 
+from palp_trainer.config import ALIGNMENT_ONLY, key_tags
+
 from .labels import md_escape, run_name, short_id, trial_label
 from .recipe import format_value
 
@@ -111,13 +113,10 @@ def version_tags(best: dict, manifest: dict, score_names: tuple[str, ...], metri
     tags = {f"metric.{k}": best[k] for k in (*score_names, metric) if k in best}
     if best.get("best_method"):
         tags["best_method"] = best["best_method"]
-    tags["alignment"] = manifest["alignment"]
-    if manifest["alignment"] != "none":  # the baseline has no alignment term: α and β mean nothing there
-        tags.update(alpha=manifest["alpha"], beta=manifest["beta"])
-    tags["rank"] = manifest["rank"]
+    unused = ALIGNMENT_ONLY if manifest["alignment"] == "none" else ()  # the baseline has no α, β to speak of
+    tags.update({k: manifest[k] for k in key_tags() if k not in unused})
     tags.update({k: v for k, v in best["hparams"].items() if k not in tags})  # what else was searched
-    tags.update(steps=manifest["steps"], base_model=manifest["base_model"], recipe=recipe_name,
-                eval_hash=eval_hash)
+    tags.update(recipe=recipe_name, eval_hash=eval_hash)
     return {k: str(v) for k, v in tags.items()}
 
 

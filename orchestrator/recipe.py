@@ -1,19 +1,19 @@
 """A recipe as typed, validated, frozen objects (`recipe_yaml.load_recipe` builds one from YAML).
 
-Recipes hold overrides only; every default lives in a dataclass here or in `palp_trainer.config`
-(TrainDefaults reads TrainConfig's own defaults). Every problem is a `RecipeError` whose message is
-one line, `field.path: problem`, e.g. `subjects[1].images: no such file or directory: .../data/dgo`.
+Recipes hold overrides only; every default lives in a dataclass here or in `palp_trainer.config`: the trainer
+knobs' defaults, kinds and rules are TrainConfig's and its KNOBS table's (TrainDefaults and Search are built from
+them). Every problem is a `RecipeError` whose message is one line, `field.path: problem`, e.g.
+`subjects[1].images: no such file or directory: .../data/dgo`.
 
-Three defaults depend on `base_model`: `resolution` None means 32 px for the built-in "tiny" (toy, random)
-and "world" (pretrained on palp_trainer/world.py) bases and 512 otherwise; `precision` None means "fp32"
-for those two (CPU models) and "bf16" otherwise; `eval.scorer` None means the world's oracle judge for
-"world" and CLIP otherwise.
+Three defaults depend on `base_model` (`palp_trainer.config.base_defaults`): `resolution` None means 32 px for the
+built-in small bases, 1024 for SDXL and 512 otherwise; `precision` None means fp32 for the small bases (CPU
+models) and bf16 otherwise; `eval.scorer` None means the world's oracle judge for "world" and CLIP otherwise.
 """
 
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, make_dataclass, replace
 
-from palp_trainer.config import ALIGNMENTS, PRECISIONS, SMALL_BASES, EvalConfig, TrainConfig, default_resolution
+from palp_trainer.config import EvalConfig, TrainConfig, base_defaults, check_knob, group_refusal, knobs_where
 
 PLACEHOLDER = re.compile(r"\[[^\[\]\s]+\]")  # "[V1]", "[sks]": brackets, no spaces
 DIM_KINDS = ("fixed", "grid", "choice", "uniform", "loguniform")
@@ -28,66 +28,15 @@ class RecipeError(ValueError):
 
 # --------------------------------------------------------------------------- the typed recipe
 
-_TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
-
-
-def _default(name: str):
-    """TrainConfig's own default for a knob: one source of truth."""
-    return _TRAIN_DEFAULTS[name]
-
-
-# Range rules shared by `train` and `search`; a knob missing here only needs its type.
-_RULES = {
-    "batch_size": (lambda v: v >= 1, "must be >= 1"),
-    "grad_accum": (lambda v: v >= 1, "must be >= 1"),
-    "lr": (lambda v: v > 0, "must be > 0"),
-    "embedding_lr": (lambda v: v >= 0, "must be >= 0 (0 freezes the placeholder rows)"),
-    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
-    "rank": (lambda v: v >= 1, "must be >= 1"),
-    "lora_alpha": (lambda v: v is None or v > 0, "must be > 0 (or null: = rank)"),
-    "alignment": (lambda v: v in ALIGNMENTS, f"must be one of {', '.join(ALIGNMENTS)}"),
-    "alpha": (lambda v: v > 0, "must be > 0"),
-    "beta": (lambda v: v > 0, "must be > 0"),
-    "align_weight": (lambda v: v >= 0, "must be >= 0"),
-    "align_every": (lambda v: v >= 1, "must be >= 1 (1: the alignment term on every step)"),
-    "t_range": (lambda v: 0 <= v[0] < v[1] <= 1000, "need 0 <= lo < hi <= 1000"),
-    "align_t_range": (lambda v: 0 <= v[0] < v[1] <= 1000, "need 0 <= lo < hi <= 1000"),
-    "subject_sampling": (lambda v: v in ("uniform", "union"), "must be 'uniform' or 'union'"),
-    "checkpoint_every": (lambda v: v >= 0, "must be >= 0 (0: only at the end)"),
-}
-
-
 def _check_knob(name: str, value, path: str) -> None:
-    ok, problem = _RULES.get(name, (lambda v: True, ""))
-    if not ok(value):
-        raise RecipeError(f"{path}: {problem}, got {value!r}")
+    """TrainConfig's rule for knob `name` (palp_trainer.config.KNOBS), its message under the field path."""
+    try:
+        check_knob(name, value)
+    except ValueError as e:
+        raise RecipeError(f"{path}{str(e).removeprefix(name)}") from None
 
 
-@dataclass(frozen=True)
-class TrainDefaults:
-    """The trainer knobs a recipe sets once for every trial (a `search` dim overrides its knob)."""
-
-    batch_size: int = _default("batch_size")  # per worker; global batch = workers * batch * grad_accum
-    grad_accum: int = _default("grad_accum")
-    lr: float = _default("lr")
-    embedding_lr: float = _default("embedding_lr")
-    weight_decay: float = _default("weight_decay")
-    rank: int = _default("rank")
-    lora_alpha: float | None = _default("lora_alpha")
-    alignment: str = _default("alignment")
-    alpha: float = _default("alpha")
-    beta: float = _default("beta")
-    align_weight: float = _default("align_weight")
-    align_every: int = _default("align_every")
-    same_noise: bool = _default("same_noise")
-    rescale: bool = _default("rescale")
-    t_range: tuple[int, int] = _default("t_range")
-    align_t_range: tuple[int, int] = _default("align_t_range")
-    subject_sampling: str = _default("subject_sampling")
-    flip: bool = _default("flip")
-    allow_upscale: bool = _default("allow_upscale")
-    checkpoint_every: int = _default("checkpoint_every")
-
+class _TrainSection:
     def __post_init__(self):
         for f in fields(self):
             _check_knob(f.name, getattr(self, f.name), f.name)
@@ -96,7 +45,15 @@ class TrainDefaults:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-_KNOB_TYPES = {f.name: f.type for f in fields(TrainDefaults)}
+_TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+TrainDefaults = make_dataclass(
+    "TrainDefaults", [(k, _TRAIN_FIELDS[k].type, field(default=_TRAIN_FIELDS[k].default)) for k in knobs_where("train")],
+    bases=(_TrainSection,), frozen=True, namespace={"__module__": __name__})
+TrainDefaults.__doc__ = """The trainer knobs a recipe sets once for every trial (a `search` dim overrides its knob):
+TrainConfig's fields of KNOBS' `train` kind, with TrainConfig's defaults. batch_size is per worker; global batch =
+workers * batch * grad_accum."""
+
+_KNOB_TYPES = {k: _TRAIN_FIELDS[k].type for k in knobs_where("train")}
 
 
 @dataclass(frozen=True)
@@ -141,24 +98,10 @@ def format_value(v) -> str:
     return f"{v:.6g}"
 
 
-@dataclass(frozen=True)
-class Search:
-    """Hyperparameters swept per (subject set, prompt) pair; a dim left out takes its `train` value.
-
-    Each trial trains to max(steps) and reports (ASHA rungs) at every step in `steps`.
-    """
-
-    alpha: Dim | None = None
-    beta: Dim | None = None
-    rank: Dim | None = None
-    lr: Dim | None = None
-    embedding_lr: Dim | None = None
-    align_weight: Dim | None = None  # λ
-    align_every: Dim | None = None
-    alignment: Dim | None = None
-    same_noise: Dim | None = None
-    num_samples: int = 1  # Tune's num_samples: repeats the grid, redraws sampled dims
-    steps: tuple[int, ...] = (500,)
+class _SearchSection:
+    """Hyperparameters swept per (subject set, prompt) pair: one Dim per searchable knob (KNOBS' `searchable`
+    kind); a dim left out takes its `train` value. Each trial trains to max(steps) and reports (ASHA rungs) at every
+    step in `steps`."""
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -170,9 +113,16 @@ class Search:
 
     @property
     def dims(self) -> dict[str, Dim]:
-        """The searched knobs, in declaration order."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name in _KNOB_TYPES and getattr(self, f.name) is not None}
+        """The searched knobs, in KNOBS' order."""
+        return {k: getattr(self, k) for k in knobs_where("searchable") if getattr(self, k) is not None}
+
+
+Search = make_dataclass(
+    "Search", [(k, Dim | None, None) for k in knobs_where("searchable")]
+    + [("num_samples", int, 1),  # Tune's num_samples: repeats the grid, redraws sampled dims
+       ("steps", tuple[int, ...], (500,))],
+    bases=(_SearchSection,), frozen=True, namespace={"__module__": __name__})
+Search.__doc__ = _SearchSection.__doc__
 
 
 @dataclass(frozen=True)
@@ -337,9 +287,9 @@ class Recipe:
     subjects: tuple[Subject, ...]
     prompts: tuple[Prompt, ...]
     base_model: str = "tiny"  # "tiny" | "world" | hub id | local diffusers directory
-    resolution: int | None = None  # None: 32 for tiny and world, else 512
-    precision: str | None = None  # None: fp32 for tiny and world, else bf16
-    seed: int = _default("seed")
+    resolution: int | None = None  # None: base_defaults (32 for the small bases, 1024 for SDXL, else 512)
+    precision: str | None = None  # None: base_defaults (fp32 for the small bases, else bf16)
+    seed: int = _TRAIN_FIELDS["seed"].default
     train: TrainDefaults = field(default_factory=TrainDefaults)
     search: Search = field(default_factory=Search)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
@@ -352,20 +302,17 @@ class Recipe:
     mlflow: MlflowSpec = field(default_factory=MlflowSpec)
 
     def __post_init__(self):
-        small = self.base_model in SMALL_BASES
+        defaults = base_defaults(self.base_model)
         if self.resolution is None:
-            object.__setattr__(self, "resolution", default_resolution(self.base_model))
+            object.__setattr__(self, "resolution", defaults.resolution)
         if self.precision is None:
-            object.__setattr__(self, "precision", "fp32" if small else "bf16")
+            object.__setattr__(self, "precision", defaults.precision)
         if self.eval.scorer is None:
-            scorer = "world" if self.base_model == "world" else "clip"
-            object.__setattr__(self, "eval", replace(self.eval, scorer=scorer))
+            object.__setattr__(self, "eval", replace(self.eval, scorer=defaults.scorer))
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise RecipeError(f"name: use letters, digits, '.', - and _ only (it names the sweep), got {self.name!r}")
-        if self.resolution < 8 or self.resolution % 8:
-            raise RecipeError(f"resolution: must be a positive multiple of 8, got {self.resolution}")
-        if self.precision not in PRECISIONS:
-            raise RecipeError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for knob in ("resolution", "precision"):
+            _check_knob(knob, getattr(self, knob), knob)
         if not self.subjects:
             raise RecipeError("subjects: at least one subject is needed")
         if not self.prompts:
@@ -384,9 +331,8 @@ class Recipe:
             if s.token not in used:
                 raise RecipeError(f"subjects[{i}].token: {s.token} appears in no prompt target; "
                                   "use it in a prompt or remove the subject")
-        if self.resources.trials_per_group > 1 and self.precision == "fp16":
-            raise RecipeError("resources.trials_per_group: a group's members would share fp16's loss scale (one "
-                              "member's overflow skips every member's step); use precision bf16 or fp32")
+        if self.resources.trials_per_group > 1 and group_refusal(self.precision):
+            raise RecipeError(f"resources.trials_per_group: {group_refusal(self.precision)}")
         if self.eval.cuda_graphs and not self.resources.use_gpu:
             raise RecipeError("eval.cuda_graphs: needs GPU workers; set resources.use_gpu: true or drop it")
         scores = self.eval.score_names

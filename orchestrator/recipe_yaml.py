@@ -14,7 +14,7 @@ from typing import Union, get_args, get_origin
 
 import yaml
 
-from palp_trainer.config import EvalConfig, default_resolution
+from palp_trainer.config import EvalConfig, base_defaults
 from palp_trainer.data import IMAGE_SUFFIXES, DataError, list_images, load_image
 
 from .recipe import (DIM_KINDS, _KNOB_TYPES, Dim, MlflowSpec, Prompt, Recipe, RecipeError, Resources, SchedulerSpec,
@@ -243,10 +243,10 @@ def parse_recipe(raw: dict, base_dir: str | Path = ".") -> Recipe:
         if key not in raw:
             raise RecipeError(f"{key}: required")
     train = _build(TrainDefaults, raw.get("train"), "train")
-    # resolution decides which images are too small; resolve it the way Recipe does
+    # resolution decides which images are too small: the Recipe's, before the Recipe is built
     resolution = scalars.get("resolution")
     if resolution is None:
-        resolution = default_resolution(scalars.get("base_model", "tiny"))
+        resolution = base_defaults(scalars.get("base_model", Recipe.base_model)).resolution
     subjects = tuple(_parse_subject(s, i, Path(base_dir), resolution, train.allow_upscale)
                      for i, s in enumerate(_list(raw["subjects"], "subjects")))
     _check_unique(subjects)  # before prompts: a prompt error would hide the real cause
@@ -266,10 +266,6 @@ def _parse_eval(raw) -> EvalConfig:
     raw = _mapping(raw, "eval")
     if "elements" in raw:
         raise RecipeError("eval.elements: set per prompt, as prompts[i].elements")
-    # EvalConfig's own check lumps these together; name the field
-    for key in ("num_images", "steps", "batch_size"):
-        if isinstance(raw.get(key), int) and not isinstance(raw[key], bool) and raw[key] < 1:
-            raise RecipeError(f"eval.{key}: must be >= 1, got {raw[key]}")
     return _build(EvalConfig, raw, "eval", skip=("elements",))
 
 

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from palp_trainer.config import key_tags
+
 from .cli_args import OneLineParser, UsageError, output_folder
 from .labels import md_plain
 
@@ -103,7 +105,7 @@ def list_models(client) -> None:
 
 
 # what a person compares versions by, in this order; then the description, then every other tag
-KEY_TAGS = ("best_method", "alignment", "alpha", "beta", "rank", "steps", "base_model")  # model_card.version_tags
+KEY_TAGS = ("best_method", *key_tags())  # model_card.version_tags
 
 
 def show_model(client, name: str) -> None:

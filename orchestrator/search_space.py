@@ -5,7 +5,7 @@ from dataclasses import replace
 
 from ray import tune
 
-from palp_trainer.config import GROUP_KNOBS, SubjectSpec, TrainConfig
+from palp_trainer.config import ALIGNMENT_ONLY, GROUP_KNOBS, SubjectSpec, TrainConfig
 
 from .recipe import Dim, Recipe, RecipeError
 
@@ -21,10 +21,6 @@ def _domain(dim: Dim):
     return tune.uniform(lo, hi) if dim.kind == "uniform" else tune.loguniform(lo, hi)
 
 
-# what the baseline arm (alignment: none) never reads: a grid over these holds one baseline point, not one per value
-ALIGNMENT_KNOBS = ("alpha", "beta", "align_weight", "align_every", "same_noise")
-
-
 def grid_points(recipe: Recipe) -> list[dict]:
     """The grid dims crossed, in order; a point of the baseline arm keeps only the knobs it uses, so α x β x rank
     with `alignment: [palp, none]` trains one baseline per rank instead of one per (α, β, rank)."""
@@ -33,7 +29,7 @@ def grid_points(recipe: Recipe) -> list[dict]:
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
         if point.get("alignment", recipe.train.alignment) == "none":
-            point = {k: v for k, v in point.items() if k not in ALIGNMENT_KNOBS}
+            point = {k: v for k, v in point.items() if k not in ALIGNMENT_ONLY}  # what the baseline never reads
         if point not in points:
             points.append(point)
     return points

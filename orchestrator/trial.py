@@ -11,17 +11,13 @@ from ray.train.torch import TorchTrainer
 from mlflow import MlflowClient
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from palp_trainer.config import TrainConfig
+from palp_trainer.config import TrainConfig, knobs_where
 from palp_trainer.storage import is_remote, join
 
 from .labels import trial_label
 from .recipe import PLACEMENTS, Recipe
 from .search_space import hparams_of, train_config
 from .tracking import Tracking, end_run, fail_run, reason
-
-
-NOT_PARAMS = {"subjects", "eval", "output_dir", "output_uri", "progress", "mlflow_uri", "mlflow_run_id", "resume_from",
-              "scheduler_key"}
 
 
 def scheduler_key(recipe_name: str, trial_id: str) -> str:
@@ -70,7 +66,7 @@ def start_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Track
     if is_remote(storage_path):
         config = replace(config, output_uri=trial_output_uri(storage_path, recipe, params["pair"], trial_id))
     # every effective hyperparameter, searched or not (subjects, prompts and eval are in the parent run)
-    knobs = {k: v for k, v in config.to_dict().items() if k not in NOT_PARAMS}
+    knobs = {k: v for k, v in config.to_dict().items() if k in knobs_where("param")}
     run_id = tracking.child_run(params["pair"], trial_id, knobs, trial_label(config.alignment, hparams))
     MlflowClient(tracking.uri).log_metric(run_id, "time/trial_start_unix", started)
     config = replace(config, mlflow_uri=tracking.uri, mlflow_run_id=run_id,

@@ -1,6 +1,7 @@
 """TrainConfig: everything `train_loop` reads. Plain frozen dataclasses; no Ray or MLflow types."""
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 
 TINY_RESOLUTION = 32  # px of the built-in tiny and world bases (their VAEs downsample 2x: latents [4, 16, 16])
 SMALL_BASES = ("tiny", "world", "tiny_xl")  # built-in CPU-sized bases: 32 px, fp32 by default
@@ -12,11 +13,24 @@ SAMPLERS = ("ddim", "dpm")
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
-def default_resolution(base_model: str) -> int:
-    """What `resolution: null` means: the small built-in bases' 32 px, SDXL's 1024 (a folder or a cached hub id
-    whose model_index.json names StableDiffusionXLPipeline), else SD-1.x's 512."""
-    if base_model in SMALL_BASES:
-        return TINY_RESOLUTION
+@dataclass(frozen=True)
+class BaseDefaults:
+    """What `null` means for a recipe's resolution, precision and eval.scorer on a base: the one home of that rule
+    (recipes, `palp-sweep generate` and the trainer's callers read it)."""
+
+    resolution: int
+    precision: str
+    scorer: str
+
+
+def base_defaults(base_model: str) -> BaseDefaults:
+    """The small built-in bases: 32 px, fp32 (CPU models); SDXL (a folder or a cached hub id whose
+    model_index.json names StableDiffusionXLPipeline): 1024 px; else SD-1.x/2.x's 512 px; bf16 for both. Adapters
+    of the world base are scored by its oracle judge, every other base's by CLIP."""
+    small = base_model in SMALL_BASES
+    scorer = "world" if base_model == "world" else "clip"
+    if small:
+        return BaseDefaults(TINY_RESOLUTION, "fp32", scorer)
     import json
     from pathlib import Path
     index = Path(base_model).expanduser() / "model_index.json"
@@ -28,7 +42,7 @@ def default_resolution(base_model: str) -> int:
         xl = json.loads(index.read_text()).get("_class_name") == "StableDiffusionXLPipeline"
     except (OSError, ValueError):
         xl = False
-    return 1024 if xl else 512
+    return BaseDefaults(1024 if xl else 512, "bf16", scorer)
 
 
 @dataclass(frozen=True)
@@ -150,8 +164,9 @@ class EvalConfig:
             raise ValueError(f"scorer: must be one of {SCORERS}, got {self.scorer!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.num_images < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("num_images, steps and batch_size must be >= 1")
+        for name in ("num_images", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         check_guidance_scale(self.guidance_scale)
         check_seeds(self.seeds)
 
@@ -220,22 +235,12 @@ class TrainConfig:
     scheduler_key: str | None = None
 
     def __post_init__(self):
-        if self.alignment not in ALIGNMENTS:
-            raise ValueError(f"alignment: must be one of {ALIGNMENTS}, got {self.alignment!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.subject_sampling not in ("uniform", "union"):
-            raise ValueError(f"subject_sampling: must be 'uniform' or 'union', got {self.subject_sampling!r}")
+        for name, knob in KNOBS.items():
+            check_knob(name, getattr(self, name))
         if not self.subjects:
             raise ValueError("subjects: at least one subject is needed")
-        if min(self.steps, self.batch_size, self.grad_accum, self.rank, self.align_every) < 1:
-            raise ValueError("steps, batch_size, grad_accum, rank and align_every must be >= 1")
         if any(m < 1 or m > self.steps for m in self.milestones):
             raise ValueError(f"milestones: each must be in [1, steps={self.steps}], got {self.milestones}")
-        for name in ("t_range", "align_t_range"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo < hi <= 1000:
-                raise ValueError(f"{name}: need 0 <= lo < hi <= 1000, got {(lo, hi)}")
 
     def to_dict(self) -> dict:
         """Plain nested dicts (what Ray passes to workers); `from_dict` inverts it."""
@@ -262,14 +267,105 @@ class TrainConfig:
 
 
 
-# what the members of a trial group may differ in: what the step reads per row, or the optimizer per param group
-GROUP_KNOBS = ("alpha", "beta", "align_weight", "lr", "embedding_lr")
-# a trial's own places and names, not training knobs
-PER_TRIAL = ("output_dir", "output_uri", "mlflow_uri", "mlflow_run_id", "scheduler_key", "resume_from")
+@dataclass(frozen=True)
+class Knob:
+    """What kind of TrainConfig field a knob is, and its rule. KNOBS has one row per field; every list of knobs
+    elsewhere (a recipe's train and search sections, what trial-group members may differ in, what the TI+DB
+    baseline never reads, a trial's MLflow params, the adapter's manifest, the registry's key tags) reads it."""
+
+    check: Callable[[object], bool] | None = None  # the value's rule, with `problem` saying it
+    problem: str = ""
+    train: bool = False  # a recipe's `train:` section sets it once for every trial
+    searchable: bool = False  # a `search:` dim may sweep it
+    group: bool = False  # trial-group members may differ in it: the step reads it per row, or the optimizer
+    alignment_only: bool = False  # only the alignment term reads it: the baseline (alignment: none) never does
+    per_trial: bool = False  # a trial's own places and names, not a training knob
+    param: bool = True  # logged as a param of the trial's MLflow run (subjects, prompts, eval: the parent run's)
+    manifest: bool = False  # in the adapter's manifest (palp.json), as it is
+    key_tag: int = 0  # > 0: a registered version's key tag, shown first by `palp-sweep models`, in this order
+
+
+_AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_T_RANGE = (lambda v: 0 <= v[0] < v[1] <= 1000, "need 0 <= lo < hi <= 1000")
+_ALIGNMENT_KNOB = dict(train=True, searchable=True, alignment_only=True, manifest=True)
+
+# in the order recipes list them: the searchable knobs in the order a trial's label names them ("palp α7.5 r4")
+KNOBS = {
+    "subjects": Knob(param=False),
+    "target_prompt": Knob(manifest=True),
+    "clean_prompt": Knob(manifest=True),
+    "output_dir": Knob(per_trial=True, param=False),
+    "base_model": Knob(manifest=True, key_tag=6),
+    "resolution": Knob(lambda v: v >= 8 and v % 8 == 0, "must be a positive multiple of 8", manifest=True),
+    "precision": Knob(lambda v: v in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+    "seed": Knob(),
+    "steps": Knob(*_AT_LEAST_1, key_tag=5),
+    "milestones": Knob(),
+    "batch_size": Knob(*_AT_LEAST_1, train=True),
+    "grad_accum": Knob(*_AT_LEAST_1, train=True),
+    "alpha": Knob(*_POSITIVE, group=True, key_tag=2, **_ALIGNMENT_KNOB),
+    "beta": Knob(*_POSITIVE, group=True, key_tag=3, **_ALIGNMENT_KNOB),
+    "rank": Knob(*_AT_LEAST_1, train=True, searchable=True, manifest=True, key_tag=4),
+    "lr": Knob(*_POSITIVE, train=True, searchable=True, group=True),
+    "embedding_lr": Knob(lambda v: v >= 0, "must be >= 0 (0 freezes the placeholder rows)", train=True,
+                         searchable=True, group=True),
+    "align_weight": Knob(lambda v: v >= 0, "must be >= 0", group=True, **_ALIGNMENT_KNOB),
+    "align_every": Knob(lambda v: v >= 1, "must be >= 1 (1: the alignment term on every step)", **_ALIGNMENT_KNOB),
+    "alignment": Knob(lambda v: v in ALIGNMENTS, f"must be one of {', '.join(ALIGNMENTS)}", train=True,
+                      searchable=True, manifest=True, key_tag=1),
+    "same_noise": Knob(train=True, searchable=True, alignment_only=True),
+    "weight_decay": Knob(lambda v: v >= 0, "must be >= 0", train=True),
+    "lora_alpha": Knob(lambda v: v is None or v > 0, "must be > 0 (or null: = rank)", train=True),
+    "rescale": Knob(train=True),
+    "t_range": Knob(*_T_RANGE, train=True),
+    "align_t_range": Knob(*_T_RANGE, train=True),
+    "subject_sampling": Knob(lambda v: v in ("uniform", "union"), "must be 'uniform' or 'union'", train=True),
+    "flip": Knob(train=True),
+    "allow_upscale": Knob(train=True),
+    "checkpoint_every": Knob(lambda v: v >= 0, "must be >= 0 (0: only at the end)", train=True),
+    "resume_from": Knob(per_trial=True, param=False),
+    "output_uri": Knob(per_trial=True, param=False),
+    "eval": Knob(param=False),
+    "progress": Knob(param=False),
+    "mlflow_uri": Knob(per_trial=True, param=False),
+    "mlflow_run_id": Knob(per_trial=True, param=False),
+    "scheduler_key": Knob(per_trial=True, param=False),
+}
+assert sorted(KNOBS) == sorted(f.name for f in fields(TrainConfig)), "KNOBS: one row per TrainConfig field"
+
+
+def knobs_where(kind: str) -> tuple[str, ...]:
+    """The knobs of one kind, in KNOBS' order: knobs_where("group") -> ("alpha", "beta", "lr", ...)."""
+    return tuple(name for name, knob in KNOBS.items() if getattr(knob, kind))
+
+
+def check_knob(name: str, value) -> None:
+    """KNOBS[name]'s rule on `value`: a ValueError `name: problem, got value` (a recipe prefixes its field path)."""
+    knob = KNOBS[name]
+    if knob.check is not None and not knob.check(value):
+        raise ValueError(f"{name}: {knob.problem}, got {value!r}")
+
+
+def key_tags() -> tuple[str, ...]:
+    """The knobs a person compares registered versions by, in their order (alignment, α, β, rank, steps, base)."""
+    return tuple(sorted(knobs_where("key_tag"), key=lambda k: KNOBS[k].key_tag))
+
+
+GROUP_KNOBS = knobs_where("group")
+ALIGNMENT_ONLY = knobs_where("alignment_only")
+
+
+def group_refusal(precision: str) -> str | None:
+    """Why trials at this precision cannot share a trial group, or None."""
+    if precision == "fp16":
+        return ("a group's members would share fp16's loss scale (one member's overflow skips every member's "
+                "step); use precision bf16 or fp32")
+    return None
 
 
 def group_key(config: TrainConfig) -> str:
     """Trials with equal keys can share a trial group (palp_trainer/group.py): the config without GROUP_KNOBS and
     the per-trial fields."""
-    d = config.to_dict()
-    return repr(sorted((k, v) for k, v in d.items() if k not in GROUP_KNOBS + PER_TRIAL))
+    leave_out = GROUP_KNOBS + knobs_where("per_trial")
+    return repr(sorted((k, v) for k, v in config.to_dict().items() if k not in leave_out))

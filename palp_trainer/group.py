@@ -17,7 +17,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from . import losses
-from .config import GROUP_KNOBS, TrainConfig, group_key
+from .config import GROUP_KNOBS, TrainConfig, group_key, group_refusal
 from .models import Base
 from .task import PalpTask, constant_encodings
 
@@ -230,9 +230,8 @@ def member_configs(configs: list[TrainConfig]) -> list[TrainConfig]:
     keys = {group_key(c) for c in configs}
     if len(keys) > 1:
         raise ValueError(f"trial group: members may differ only in {', '.join(GROUP_KNOBS)}")
-    if configs[0].precision == "fp16":
-        raise ValueError("trial group: fp16's loss scale is shared, so one member's overflow would skip every "
-                         "member's step; use bf16 or fp32")
+    if group_refusal(configs[0].precision):
+        raise ValueError(f"trial group: {group_refusal(configs[0].precision)}")
     return configs
 
 

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import storage
-from .config import TrainConfig
+from .config import TrainConfig, knobs_where
 from .data import SubjectLatents
 from .export import export_adapter
 from .models import Base, add_lora, add_placeholders, load_base
@@ -77,17 +77,16 @@ def build(config: TrainConfig, device: torch.device, base: Base | None = None):
 
 
 def manifest(config: TrainConfig, step: int, base: Base | None = None) -> dict:
+    """The adapter's palp.json: the knobs of KNOBS' `manifest` kind, the base's family and prediction, the
+    subjects' placeholders, the LoRA scale's alpha and the step it was saved at."""
     return {
         "prediction_type": base.noise_scheduler.config.prediction_type if base else "epsilon",
         "family": base.family.name if base else "sd",
-        "base_model": config.base_model,
+        **{k: getattr(config, k) for k in knobs_where("manifest")},
         "placeholders": {s.token: s.class_word for s in config.subjects},
         "tokens": list(config.tokens),
         "subjects": [asdict(s) for s in config.subjects],
-        "target_prompt": config.target_prompt, "clean_prompt": config.clean_prompt,
-        "alignment": config.alignment, "alpha": config.alpha, "beta": config.beta,
-        "align_weight": config.align_weight, "align_every": config.align_every, "rank": config.rank,
-        "lora_alpha": config.lora_alpha or config.rank, "steps": step, "resolution": config.resolution,
+        "lora_alpha": config.lora_alpha or config.rank, "steps": step,
     }
 
 

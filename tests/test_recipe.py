@@ -7,10 +7,11 @@ import pytest
 import yaml
 from ray.tune.search.sample import Categorical, Float
 
-from orchestrator.recipe import Recipe, RecipeError, TrainDefaults
+from orchestrator.recipe import Recipe, RecipeError, Search, TrainDefaults
 from orchestrator.recipe_yaml import apply_override, load_recipe
 from orchestrator.search_space import expand_trials, grid_points, hparams_of, param_space, train_config
-from palp_trainer.config import TINY_RESOLUTION, TrainConfig
+from palp_trainer.config import (ALIGNMENT_ONLY, GROUP_KNOBS, KNOBS, TINY_RESOLUTION, SubjectSpec, TrainConfig,
+                                 knobs_where)
 from tests.conftest import write_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +51,29 @@ def test_train_defaults_are_trainconfig_defaults():
     trainer = {f.name: f.default for f in fields(TrainConfig)}
     for f in fields(TrainDefaults):
         assert f.default == trainer[f.name], f.name
+
+
+@pytest.mark.parametrize("knob, bad", [("alpha", -1.0), ("beta", 0.0), ("lr", 0.0), ("align_weight", -0.5),
+                                       ("rank", 0), ("t_range", (5, 5)), ("alignment", "sdss"), ("resolution", 30)])
+def test_one_rule_per_knob_for_direct_callers_and_recipes(tmp_path, knob, bad):
+    """KNOBS' rule is TrainConfig's (a benchmark building TrainConfig(alpha=-1) is refused), and a recipe's message
+    is the same rule under its field path."""
+    with pytest.raises(ValueError) as direct:
+        TrainConfig(subjects=(SubjectSpec("cat", "[V1]", "cat", ("x.png",), "A photo of [V1]"),),
+                    target_prompt="[V1]", clean_prompt="cat", output_dir="o", **{knob: bad})
+    assert str(direct.value).startswith(f"{knob}: ")
+    section = "" if knob == "resolution" else "train."
+    with pytest.raises(RecipeError) as recipe:
+        load_recipe(write_recipe(tmp_path), [f"{section}{knob}={list(bad) if isinstance(bad, tuple) else bad}"])
+    assert str(recipe.value) == section + str(direct.value)
+
+
+def test_every_list_of_knobs_reads_the_table():
+    assert [f.name for f in fields(TrainDefaults)] == list(knobs_where("train"))
+    assert [f.name for f in fields(Search)][:-2] == list(knobs_where("searchable"))
+    assert GROUP_KNOBS == ("alpha", "beta", "lr", "embedding_lr", "align_weight")
+    assert ALIGNMENT_ONLY == ("alpha", "beta", "align_weight", "align_every", "same_noise")
+    assert set(KNOBS) == {f.name for f in fields(TrainConfig)}
 
 
 def write_recipe(tmp_path, **sections) -> Path:

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from orchestrator.base_model import check_base
-from palp_trainer.config import default_resolution
+from palp_trainer.config import base_defaults
 from palp_trainer.tiny_xl import main as tiny_xl_main
 
 
@@ -20,4 +20,4 @@ def test_tiny_sdxl_round_trips_through_the_stock_pipeline(tmp_path):
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all() and image.std() > 0
     assert check_base(str(tmp_path / "xl")) == "Stable Diffusion XL"
-    assert default_resolution(str(tmp_path / "xl")) == 1024  # SDXL's size when a recipe leaves it out
+    assert base_defaults(str(tmp_path / "xl")).resolution == 1024  # SDXL's size when a recipe leaves it out
