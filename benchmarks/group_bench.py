@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.step_bench import RandomLatents, bench_config, loop_step, random_base, sync  # noqa: E402
-from palp_trainer import loop  # noqa: E402
+from palp_trainer import loop, models  # noqa: E402
 from palp_trainer.group import GroupModel, GroupTask, group_step, make_group_optimizer  # noqa: E402
 from palp_trainer.models import add_lora, add_placeholders  # noqa: E402
 from palp_trainer.task import PalpModel, PalpTask  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     out = tempfile.mkdtemp(prefix="group-bench-")
     config = bench_config(args.tiny, out, batch_size=1, alignment="palp")
-    dtype = loop.DTYPES[config.precision]
+    dtype = models.DTYPES[config.precision]
     base = random_base(device, args.tiny)
     embedding = add_placeholders(base, config.tokens, ("cat",))
     lora = add_lora(base.unet, config.rank)

@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.step_bench import RandomLatents, bench_config, loop_step, random_base
-from palp_trainer import loop
+from palp_trainer import loop, models
 from palp_trainer.task import FastPaths, PalpModel, PalpTask
 
 CPU = torch.device("cpu")
@@ -31,7 +31,7 @@ class OpCount(TorchDispatchMode):
 
 def count(alignment: str, out_dir: str) -> dict:
     config = bench_config(True, out_dir, batch_size=2, alignment=alignment)
-    base, embedding, lora = loop.build(config, CPU, random_base(CPU, True))
+    base, embedding, lora = models.build(config, CPU, random_base(CPU, True))
     task = PalpTask(config, base, PalpModel(base), embedding.first_id, CPU, torch.float32, FastPaths())
     data = RandomLatents(8, 16, CPU, torch.float32)
     optimizer, generator = loop.make_optimizer(config, lora, embedding), torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ The architecture is SD-1.5's UNet and CLIP-L's text encoder with random weights 
 latents are random [B, 4, 64, 64] (the trainer caches VAE latents, so the VAE is not in the step). `--sdxl`:
 SDXL-base's UNet and its two text encoders (CLIP-L, OpenCLIP-bigG), latents [B, 4, 128, 128] (1024 px).
 Each step is `loop.train_step`, the function `loop.train_loop` calls (make_batch, training_step, one host
-sync for the loss terms, backward, AdamW step, zero_grad), on the model that `loop.build` and
+sync for the loss terms, backward, AdamW step, zero_grad), on the model that `models.build` and
 `loop.make_optimizer` return.
 
 A variant names the task's FastPaths: `eager` (all off: the plain step), `fast` (FastPaths.auto: what the
@@ -37,7 +37,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from palp_trainer import loop
+from palp_trainer import loop, models
 from palp_trainer.config import TINY_RESOLUTION, EvalConfig, SubjectSpec, TrainConfig
 from palp_trainer.data import SubjectLatents
 from palp_trainer.family import SDXL
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--train-steps times the SD-1.5 trainer end to end; with --sdxl, time steps alone")
     if device.type == "cpu" and not args.tiny:
         raise SystemExit("no CUDA device: the full-size benchmark needs a GPU; use --tiny for the CPU smoke test")
-    dtype = loop.DTYPES[bench_config(args.tiny, "-", args.sdxl).precision]
+    dtype = models.DTYPES[bench_config(args.tiny, "-", args.sdxl).precision]
     report = {"versions": versions(device), "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
     started = time.perf_counter()
 
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if plan:
             base = random_base(device, args.tiny, args.sdxl)
-            base, embedding, lora_params = loop.build(bench_config(args.tiny, tmp, args.sdxl), device, base)
+            base, embedding, lora_params = models.build(bench_config(args.tiny, tmp, args.sdxl), device, base)
             for variant, mode, batch_size in plan:
                 if time.perf_counter() - started > args.budget_s:
                     report["runs"].append({"variant": variant, "mode": mode, "batch": batch_size,

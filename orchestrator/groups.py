@@ -3,20 +3,18 @@ a coordinator actor gathers members that can share a group and runs one TorchTra
 
 A member's Tune trial only waits: it joins, then relays to Tune what the group's rank 0 sends it (a milestone's
 metrics, the final ones, or the error that ended it). ASHA decides on each member as on any trial and publishes
-its decision where the group's workers read it (loop.scheduler_decision): a stopped member leaves the group at
+its decision where the group's workers read it (worker.scheduler_decision): a stopped member leaves the group at
 that milestone, the others train on. The coordinator and its group runners are owned by the driver, so they end
 with the sweep; Tune stopping a member's trial ends that trial alone.
 """
 
 import hashlib
 import json
-import os
 import queue
 import threading
 import time
 
 import ray
-import ray.train
 import ray.tune
 from mlflow import MlflowClient
 from ray.train.torch import TorchTrainer
@@ -28,7 +26,7 @@ from .connect import TRIAL_ACTOR
 from .recipe import Recipe
 from .search_space import grid_points, train_config
 from .tracking import Tracking, end_run, fail_run
-from .trial import scaling_config, start_trial
+from .trial import run_config, scaling_config, start_trial
 
 NAMESPACE = "palp-sweep"
 LEDGER = "groups.json"  # in the experiment folder: trial id -> its group's Ray Train run name
@@ -148,12 +146,7 @@ class GroupRunner:
             train_group_worker,
             train_loop_config={"members": configs, "trial_ids": trial_ids, "coordinator": coordinator},
             scaling_config=scaling_config(recipe),
-            run_config=ray.train.RunConfig(
-                name=name,  # a resumed sweep's members find the group's checkpoints
-                storage_path=os.path.join(storage_path, recipe.name, "train"),
-                failure_config=ray.train.FailureConfig(max_failures=recipe.resources.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.resources.checkpoints_to_keep),
-            ),
+            run_config=run_config(recipe, storage_path, name),  # a resumed sweep's members find its checkpoints
         )
         trainer.fit()
 

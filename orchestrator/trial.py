@@ -21,7 +21,7 @@ from .tracking import Tracking, end_run, fail_run, reason
 
 
 def scheduler_key(recipe_name: str, trial_id: str) -> str:
-    """Where the early-stopping scheduler publishes its decisions on a trial (loop.scheduler_decision)."""
+    """Where the early-stopping scheduler publishes its decisions on a trial (worker.scheduler_decision)."""
     return f"{recipe_name}/{trial_id}"
 
 
@@ -32,6 +32,18 @@ def scaling_config(recipe: Recipe) -> ray.train.ScalingConfig:
         per_worker["GPU"] = r.gpus_per_worker
     return ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu,
                                    resources_per_worker=per_worker, placement_strategy=PLACEMENTS[r.placement])
+
+
+def run_config(recipe: Recipe, storage_path: str, name: str, callbacks=()) -> ray.train.RunConfig:
+    """A trial's (or a trial group's) Ray Train run: named so that a retry or `--resume` finds its checkpoints,
+    under <storage>/<recipe>/train, with the recipe's restarts and checkpoints kept."""
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=os.path.join(storage_path, recipe.name, "train"),
+        failure_config=ray.train.FailureConfig(max_failures=recipe.resources.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.resources.checkpoints_to_keep),
+        callbacks=list(callbacks) or None,
+    )
 
 
 def train_worker(config: dict) -> None:
@@ -81,14 +93,7 @@ def run_trial(params: dict, recipe: Recipe, storage_path: str, tracking: Trackin
         train_worker,
         train_loop_config=config.to_dict(),
         scaling_config=scaling_config(recipe),
-        run_config=ray.train.RunConfig(
-            # named after the Tune trial: a retry or `--resume` finds this run's checkpoints
-            name=f"train-{trial_id}",
-            storage_path=os.path.join(storage_path, recipe.name, "train"),
-            failure_config=ray.train.FailureConfig(max_failures=recipe.resources.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=recipe.resources.checkpoints_to_keep),
-            callbacks=[TuneReportCallback()],
-        ),
+        run_config=run_config(recipe, storage_path, f"train-{trial_id}", [TuneReportCallback()]),  # the Tune trial's
     )
     # Tune stopping this trial (ASHA, Ctrl-C) ends this actor without running either branch; the driver then
     # records the run's state (sweep.record_outcomes)

@@ -231,7 +231,7 @@ class TrainConfig:
     mlflow_uri: str | None = None  # rank 0 appends metrics/artifacts to this existing run
     mlflow_run_id: str | None = None
     # set under an early-stopping scheduler: after each milestone but the last, wait for its decision
-    # (published under this key, see loop.scheduler_decision) and stop there if it says so
+    # (published under this key, see worker.scheduler_decision) and stop there if it says so
     scheduler_key: str | None = None
 
     def __post_init__(self):

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import reprlib
+from dataclasses import asdict
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import DataError, crop_image
 from .export_kohya import export_for_tools, trigger_words
+from .config import TrainConfig, knobs_where
 from .models import Base, add_lora, add_placeholders, load_base
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -256,3 +258,17 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, directory: str | Path) -> 
         else:
             pipe.load_textual_inversion(directory / file, token=token)
     return manifest
+
+
+def manifest(config: TrainConfig, step: int, base: Base | None = None) -> dict:
+    """The adapter's palp.json: the knobs of KNOBS' `manifest` kind, the base's family and prediction, the
+    subjects' placeholders, the LoRA scale's alpha and the step it was saved at."""
+    return {
+        "prediction_type": base.noise_scheduler.config.prediction_type if base else "epsilon",
+        "family": base.family.name if base else "sd",
+        **{k: getattr(config, k) for k in knobs_where("manifest")},
+        "placeholders": {s.token: s.class_word for s in config.subjects},
+        "tokens": list(config.tokens),
+        "subjects": [asdict(s) for s in config.subjects],
+        "lora_alpha": config.lora_alpha or config.rank, "steps": step,
+    }

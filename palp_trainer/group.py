@@ -11,6 +11,7 @@ AdamW updates each member's parameters from their own gradients: a member trains
 """
 
 import contextlib
+import functools
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -19,7 +20,7 @@ from torch import nn
 from . import losses
 from .config import GROUP_KNOBS, TrainConfig, group_key, group_refusal
 from .models import Base
-from .task import PalpTask, constant_encodings
+from .task import aligns_at, alignment_score, as_eps, constant_encodings, draw_batch, pretrained_prompts
 
 
 class MemberWeights(nn.Module):
@@ -126,17 +127,17 @@ class GroupTask:
                                                                                self.autocast())
 
     def make_batch(self, generator, latents, global_batch, rank=0, world_size=1) -> dict[str, torch.Tensor]:
-        """The batch every member's trial would draw alone (PalpTask.make_batch: the same generator and draws)."""
-        return PalpTask.make_batch(self, generator, latents, global_batch, rank, world_size)
+        """The batch every member's trial would draw alone (task.draw_batch: the same generator and draws)."""
+        return draw_batch(self.config, self.device, generator, latents, global_batch, rank, world_size)
 
     def aligns_at(self, step: int) -> bool:
-        return PalpTask.aligns_at(self, step)
+        return aligns_at(self.config, step)
 
     def as_eps(self, x_t, pred, t):
-        return PalpTask.as_eps(self, x_t, pred, t)
+        return as_eps(x_t, pred, self.alphas_cumprod[t], self.v_prediction)
 
     def denoise(self, x, t, cond):
-        return PalpTask.denoise(self, x, t, cond)
+        return self.family.denoise(self.unet, x, t, cond).float()
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -185,25 +186,22 @@ class GroupTask:
         weight = losses.timestep_weight(alpha_bar, cfg.rescale)
         weight = weight * ((t >= cfg.align_t_range[0]) & (t < cfg.align_t_range[1]))
         alpha = self._per_row("alpha", b).view(-1, 1, 1, 1)
-        prompts = (self.empty_enc, self.clean_enc) + ((self.negative_enc,) if cfg.alignment == "nfsd" else ())
-        pre = self.pretrained(x_hat_t, t, prompts)
-        if cfg.alignment == "nfsd":
-            return losses.nfsd_score(pre[0], pre[1], pre[2], t, alpha, weight)
-        pretrained = losses.cfg(pre[0], pre[1], alpha)  # G^α(x̂_t, y^c), LoRA off
-        if cfg.alignment == "sds":
-            return losses.sds_score(pretrained, eps_align, weight)
+        pre = self.pretrained(x_hat_t, t, pretrained_prompts(self, cfg.alignment))
+        personalized = functools.partial(self.personalized, x_hat_t, t, prompt_enc, b)  # called for PALP only
+        return alignment_score(cfg.alignment, pre, personalized, eps_align, t, alpha, weight)["score"]
+
+    def personalized(self, x_hat_t, t, prompt_enc, b: int) -> torch.Tensor:
+        """G^β_θLoRA(x̂_t, y_P) per row, each member with its own LoRA and β."""
         if all(self.configs[m].beta == 1.0 for m in self.active):  # G^1 is the conditional call alone
             with self.autocast(), self.group.routed(self.active):
-                personalized = self.denoise(x_hat_t.to(self.dtype), t, prompt_enc)
-            return losses.palp_score(pretrained, self.as_eps(x_hat_t, personalized, t), weight)
+                return self.as_eps(x_hat_t, self.denoise(x_hat_t.to(self.dtype), t, prompt_enc), t)
         beta = self._per_row("beta", b).view(-1, 1, 1, 1)
         with self.autocast(), self.group.routed(self.active + self.active):  # [∅ | y_P] blocks, LoRA on
             n = len(x_hat_t)
             enc = torch.cat([self.empty_enc.expand(n, -1, -1).to(prompt_enc.dtype), prompt_enc])
             x2 = x_hat_t.repeat(2, 1, 1, 1).to(self.dtype)
             uncond, cond = self.denoise(x2, t.repeat(2), enc).chunk(2)
-        personalized = losses.cfg(self.as_eps(x_hat_t, uncond, t), self.as_eps(x_hat_t, cond, t), beta)
-        return losses.palp_score(pretrained, personalized, weight)  # G^β_θLoRA(x̂_t, y_P)
+        return losses.cfg(self.as_eps(x_hat_t, uncond, t), self.as_eps(x_hat_t, cond, t), beta)
 
     def pretrained(self, x, t, encodings) -> tuple[torch.Tensor, ...]:
         """The pre-trained UNet (LoRA off) on each constant prompt, in one call."""

@@ -5,7 +5,6 @@ MLflow run, its reports and the early-stopping decisions on it. The group has on
 hold every member, so a restart restores them all.
 """
 
-import json
 import math
 import tempfile
 import time
@@ -18,24 +17,17 @@ from tqdm.auto import tqdm
 from . import storage
 from .config import TrainConfig
 from .data import SubjectLatents
-from .export import export_adapter
+from .export import export_adapter, manifest
 from .group import GroupModel, GroupTask, group_step, make_group_optimizer, member_configs
-from .loop import (DTYPES, _evaluate, _keep_metrics_until, _placement, build, localized, manifest, out_of_memory,
-                   publish, scheduler_decision)
+from .models import DTYPES, build
 from .stopwatch import Stopwatch
+from .worker import (MetricsFile, Placement, evaluate_and_log, load_scorer, localized, log_times, out_of_memory,
+                     output_folder, publish, stopped_here)
 
 STATE_FILE = "group_state.pt"
 # (trial id, kind, payload): "report" a milestone's metrics; "done" the final metrics after export;
 # "error" one line, for a member that left the group on a non-finite loss
 Send = Callable[[int, str, dict | str], None]
-
-
-def _member_output(config: TrainConfig) -> Path:
-    output = Path(config.output_dir)
-    if config.output_uri and not output.is_absolute():
-        output = Path(tempfile.gettempdir()) / output  # this node's scratch, copied to output_uri by publish()
-    output.mkdir(parents=True, exist_ok=True)
-    return output
 
 
 def save_group_checkpoint(directory: Path, step: int, model: GroupModel, active: list[int], optimizer,
@@ -68,15 +60,15 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
     come back (ASHA stopped the others, or they finished); those keep training, the rest stay where they left."""
     watch = Stopwatch()
     send = send or (lambda trial_id, kind, payload: None)
-    train, rank, world, device = _placement()
+    placement = Placement.here()
+    rank, device = placement.rank, placement.device
     raw = [c.to_dict() if isinstance(c, TrainConfig) else c for c in configs]
     here = set(trial_ids)
-    checkpoint = train.get_checkpoint() if train is not None else None
     state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_group_checkpoint(Path(directory))
-        raw, trial_ids = state["configs"], state["trial_ids"]
+    with placement.restored() as directory:
+        if directory is not None:
+            state = load_group_checkpoint(directory)
+            raw, trial_ids = state["configs"], state["trial_ids"]
     configs = member_configs([localized(TrainConfig.from_dict(c)) for c in raw])
     config, k = configs[0], len(configs)
     dtype = DTYPES[config.precision]
@@ -92,10 +84,7 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
         group = GroupModel(base, embedding, k).to(device)
         task = GroupTask(configs, base, group, embedding.first_id, device, dtype)  # one worker (Resources)
         optimizer = make_group_optimizer(configs, group.members)
-    if config.eval is not None and rank == 0:
-        from .evaluate import scorer_for
-        with watch("scorer"):
-            scorer_for(config.eval, str(device))
+    load_scorer(config, placement, watch)
     generator = torch.Generator().manual_seed(config.seed)
 
     step = 0
@@ -103,24 +92,19 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
         step, active = restore(state, group, optimizer, generator)
         # back: the members that came back (`--resume`), less any the scheduler stopped at the checkpoint's step
         # (it was taken before the decision; a Ray Train restart hands the worker every member again)
-        task.active = [m for m in active if trial_ids[m] in here and not (
-            configs[m].scheduler_key and step in config.report_steps and step < config.steps
-            and scheduler_decision(configs[m].scheduler_key, step, wait_s=0) == "STOP")]
+        task.active = [m for m in active if trial_ids[m] in here and not stopped_here(configs[m], step, wait_s=0)]
         if rank == 0:
             print(f"palp: group resumed from the checkpoint at step {step} with {len(task.active)} of its "
                   f"{len(active)} training members", flush=True)
-    outputs = [_member_output(c) for c in configs]
-    logs = [None] * k
+    outputs = [output_folder(c) for c in configs]
+    logs, metrics_files = [None] * k, [None] * k
     if rank == 0:
         from .runlog import RunLog
         for m in task.active:
-            c = configs[m]
-            if c.output_uri and step and not (outputs[m] / "metrics.jsonl").exists():  # restarted on another node
-                storage.download(storage.join(c.output_uri, "metrics.jsonl"), outputs[m] / "metrics.jsonl")
-            _keep_metrics_until(outputs[m] / "metrics.jsonl", step)
-            if c.mlflow_run_id:
+            metrics_files[m] = MetricsFile(outputs[m], configs[m], step)
+            if configs[m].mlflow_run_id:
                 with watch("tracking"):
-                    logs[m] = RunLog(c.mlflow_uri, c.mlflow_run_id)
+                    logs[m] = RunLog(configs[m].mlflow_uri, configs[m].mlflow_run_id)
     metrics: dict[int, dict] = {m: {} for m in range(k)}
     last_eval: dict[int, dict] = {m: {} for m in range(k)}
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress or rank != 0, desc=f"palp group of {k}")
@@ -142,8 +126,7 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
                 metrics[m] = {"step": step, **terms, "loss": sum(terms.values()),
                               "train_seconds": time.perf_counter() - started}
                 if rank == 0:
-                    with open(outputs[m] / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(metrics[m]) + "\n")
+                    metrics_files[m].append(metrics[m])
                     if logs[m]:
                         logs[m].metrics(step, terms)
             milestone = step in config.report_steps
@@ -153,7 +136,7 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
                 with watch("eval"):
                     for m in task.active:
                         group.load_member(m)
-                        last_eval[m] = _evaluate(configs[m], base, step, outputs[m], logs[m])
+                        last_eval[m] = evaluate_and_log(configs[m], base, step, outputs[m], logs[m])
             with watch("checkpoint"), tempfile.TemporaryDirectory() as tmp:
                 checkpoint_dir = None
                 if rank == 0:
@@ -163,9 +146,8 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
                         publish(outputs[m], configs[m])
                         if logs[m]:
                             logs[m].flush(final=False)
-                if train is not None:
-                    train.report({"step": step, "members": len(task.active)},
-                                 checkpoint=train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+                if placement.train is not None:
+                    placement.report({"step": step, "members": len(task.active)}, checkpoint_dir)
             if not milestone:
                 continue
             for m in task.active:
@@ -174,11 +156,10 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
                     send(trial_ids[m], "report", metrics[m])
             if step < config.steps:
                 with watch("decision"):  # every rank reads the same decisions, so all drop the same members
-                    stopped = [m for m in task.active if configs[m].scheduler_key
-                               and scheduler_decision(configs[m].scheduler_key, step) == "STOP"]
+                    stopped = [m for m in task.active if stopped_here(configs[m], step)]
                 task.active = [m for m in task.active if m not in stopped]
                 for m in stopped:
-                    _log_times(logs[m], step, watch, k)
+                    log_times(logs[m], step, watch, **{"time/group_size": float(k)})
     except torch.OutOfMemoryError:
         raise out_of_memory(config, f"at step {step + 1} in a trial group of {len(task.active)}") from None
     bar.close()
@@ -186,7 +167,7 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
         for m in task.active:  # ran to the end
             if not metrics[m]:  # restarted after the last step (export cut short): score it again
                 group.load_member(m)
-                metrics[m] = {"step": step, **(_evaluate(configs[m], base, step, outputs[m], logs[m])
+                metrics[m] = {"step": step, **(evaluate_and_log(configs[m], base, step, outputs[m], logs[m])
                                                if config.eval is not None else {})}
             with watch("export"):
                 group.load_member(m)
@@ -197,13 +178,7 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
                 with watch("tracking"):
                     logs[m].flush()
                     logs[m].artifacts(outputs[m] / "adapter", "adapter")
-            _log_times(logs[m], step, watch, k)
+            # the group's phase times, in each member's run (time/group_size: how many members shared them)
+            log_times(logs[m], step, watch, **{"time/group_size": float(k)})
             send(trial_ids[m], "done", metrics[m])
     return metrics
-
-
-def _log_times(log, step: int, watch: Stopwatch, members: int) -> None:
-    """The group's phase times so far, in a member's run (shared by all members: time/group_size says how many)."""
-    if log:
-        log.metrics(step, {**watch.metrics(), "time/group_size": float(members)})
-        log.flush()

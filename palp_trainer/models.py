@@ -10,7 +10,7 @@ from peft import LoraConfig
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .config import PREDICTIONS
+from .config import PREDICTIONS, TrainConfig
 from .family import SD1, SDXL, family_of
 from .tiny import SD1_SCHEDULER, build_tiny
 from .tiny_xl import build_tiny_xl
@@ -213,3 +213,21 @@ def masters_as(dtype: torch.dtype, *modules: nn.Module):
                     m.__dict__.pop(name, None)
             m._parameters.clear()
             m._parameters.update(params)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build(config: TrainConfig, device: torch.device, base: Base | None = None):
+    """Base model (`base`, or loaded from config.base_model) + placeholders + LoRA on `device`;
+    frozen weights in the compute dtype."""
+    dtype = DTYPES[config.precision]
+    base = base or load_base(config.base_model)
+    embedding = add_placeholders(base, config.tokens, tuple(s.class_word for s in config.subjects))
+    lora_params = add_lora(base.unet, config.rank, config.lora_alpha)
+    for module in base.frozen:
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)  # trainables stay fp32 masters
+        module.to(device)
+    return base, embedding, lora_params

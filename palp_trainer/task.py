@@ -1,6 +1,7 @@
 """PalpTask: the model calls and loss terms of one PALP training step (Sec. 4)."""
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,63 @@ class FastPaths:
             channels_last=cuda and batch_size <= 4,
             cuda_graphs=cuda and not distributed,  # DDP's forward and gradient hooks cannot be captured
         )
+
+
+def draw_batch(config: TrainConfig, device: torch.device, generator: torch.Generator, latents, global_batch: int,
+               rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+    """Draw the global batch from one CPU generator and keep this rank's slice.
+
+    Every rank draws the same numbers, so n workers at batch b see exactly what one worker
+    at batch n·b sees (the DDP-equivalence test relies on it). A trial group's members draw it once: each
+    member's rows are the batch its trial would draw alone.
+    """
+    cfg = config
+    idx = latents.draw(generator, global_batch, cfg.subject_sampling == "uniform")
+    shape = (global_batch, *latents.latents.shape[1:])
+    t = torch.randint(cfg.t_range[0], cfg.t_range[1], (global_batch,), generator=generator)
+    eps = torch.randn(shape, generator=generator)
+    # fresh noise for the alignment branch is drawn either way, so toggling same_noise keeps data order
+    fresh = torch.randn(shape, generator=generator)
+    mine = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
+    eps = eps[mine].to(device)
+    return {
+        "latents": latents.latents[idx[mine].to(latents.latents.device)].float(),
+        "subject": latents.subject[idx[mine].to(latents.subject.device)],
+        "time_ids": latents.time_ids[idx[mine].to(latents.time_ids.device)],
+        "t": t[mine].to(device),
+        "eps": eps,
+        "eps_align": eps if cfg.same_noise else fresh[mine].to(device),
+    }
+
+
+def aligns_at(config: TrainConfig, step: int) -> bool:
+    """Whether optimizer step `step` (0-based) has the alignment term: every `align_every`-th, from the first."""
+    return config.alignment != "none" and step % config.align_every == 0
+
+
+def as_eps(x_t: torch.Tensor, pred: torch.Tensor, alpha_bar: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """The ε a UNet output at (x_t, t) stands for: itself, or converted from v (losses.eps_from_v)."""
+    return losses.eps_from_v(x_t, pred, alpha_bar) if v_prediction else pred
+
+
+def pretrained_prompts(task, alignment: str) -> tuple[torch.Tensor, ...]:
+    """The pre-trained branch's constant encodings: ∅ and y^c, and NFSD's negative prompt."""
+    return (task.empty_enc, task.clean_enc) + ((task.negative_enc,) if alignment == "nfsd" else ())
+
+
+def alignment_score(alignment: str, pre: tuple[torch.Tensor, ...], personalized, eps_align: torch.Tensor,
+                    t: torch.Tensor, alpha, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The one place the alignment term is chosen: its score g (Eq. 4 sds, Eq. 6 palp, NFSD) from the pre-trained
+    outputs `pre` (G(∅), G(y^c)[, G(y_neg)]) and, for PALP only, `personalized()` (G^β_θLoRA(x̂_t, y_P), called
+    here). `alpha` is a float, or [B, 1, 1, 1] per row (a trial group's members). {"score"[, "pretrained",
+    "personalized"]}."""
+    if alignment == "nfsd":
+        return {"score": losses.nfsd_score(pre[0], pre[1], pre[2], t, alpha, weight)}
+    out = {"pretrained": losses.cfg(pre[0], pre[1], alpha)}  # G^α_θ(x̂_t, y^c), LoRA off
+    if alignment == "sds":
+        return {**out, "score": losses.sds_score(out["pretrained"], eps_align, weight)}
+    out["personalized"] = personalized()
+    return {**out, "score": losses.palp_score(out["pretrained"], out["personalized"], weight)}
 
 
 class PalpTask:
@@ -145,32 +203,10 @@ class PalpTask:
 
     def make_batch(self, generator: torch.Generator, latents, global_batch: int,
                    rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
-        """Draw the global batch from one CPU generator and keep this rank's slice.
-
-        Every rank draws the same numbers, so n workers at batch b see exactly what one worker
-        at batch n·b sees (the DDP-equivalence test relies on it).
-        """
-        cfg = self.config
-        idx = latents.draw(generator, global_batch, cfg.subject_sampling == "uniform")
-        shape = (global_batch, *latents.latents.shape[1:])
-        t = torch.randint(cfg.t_range[0], cfg.t_range[1], (global_batch,), generator=generator)
-        eps = torch.randn(shape, generator=generator)
-        # fresh noise for the alignment branch is drawn either way, so toggling same_noise keeps data order
-        fresh = torch.randn(shape, generator=generator)
-        mine = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
-        eps = eps[mine].to(self.device)
-        return {
-            "latents": latents.latents[idx[mine].to(latents.latents.device)].float(),
-            "subject": latents.subject[idx[mine].to(latents.subject.device)],
-            "time_ids": latents.time_ids[idx[mine].to(latents.time_ids.device)],
-            "t": t[mine].to(self.device),
-            "eps": eps,
-            "eps_align": eps if cfg.same_noise else fresh[mine].to(self.device),
-        }
+        return draw_batch(self.config, self.device, generator, latents, global_batch, rank, world_size)
 
     def aligns_at(self, step: int) -> bool:
-        """Whether optimizer step `step` (0-based) has the alignment term: every `align_every`-th, from the first."""
-        return self.config.alignment != "none" and step % self.config.align_every == 0
+        return aligns_at(self.config, step)
 
     def training_step(self, batch: dict[str, torch.Tensor], align: bool = True) -> dict[str, torch.Tensor]:
         """The loss terms of one batch; `align=False` leaves the alignment term out (a plain LoRA+TI step)."""
@@ -214,8 +250,7 @@ class PalpTask:
         return self.family.denoise(self.unet, x, t, cond).float()
 
     def as_eps(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The ε a UNet output at (x_t, t) stands for: itself, or converted from v (losses.eps_from_v)."""
-        return losses.eps_from_v(x_t, pred, self.alphas_cumprod[t]) if self.v_prediction else pred
+        return as_eps(x_t, pred, self.alphas_cumprod[t], self.v_prediction)
 
     def capture(self, args: tuple[torch.Tensor, ...], align: bool) -> nn.Module:
         """`loss_terms` as one CUDA graph for the forward and one for the backward.
@@ -244,24 +279,12 @@ class PalpTask:
             x_hat_t = losses.add_noise(x0_hat.detach(), eps_align, alpha_bar)  # re-noise x̂_0, same t
             weight = losses.timestep_weight(alpha_bar, cfg.rescale)
             weight = weight * ((t >= cfg.align_t_range[0]) & (t < cfg.align_t_range[1]))
-            out = {}
             if cfg.alignment == "palp" and self.fast.fold_alignment:
-                uncond, cond, out["personalized"] = self.folded(x_hat_t, t, prompt_enc.detach())
-                out["pretrained"] = losses.cfg(uncond, cond, cfg.alpha)
-                out["score"] = losses.palp_score(out["pretrained"], out["personalized"], weight)
-                return out
-            if cfg.alignment == "nfsd":
-                uncond, cond, negative = self.pretrained(x_hat_t, t, self.empty_enc, self.clean_enc, self.negative_enc)
-                out["score"] = losses.nfsd_score(uncond, cond, negative, t, cfg.alpha, weight)
-                return out
-            uncond, cond = self.pretrained(x_hat_t, t, self.empty_enc, self.clean_enc)
-            out["pretrained"] = losses.cfg(uncond, cond, cfg.alpha)  # G^α_θ(x̂_t, y^c), LoRA off
-            if cfg.alignment == "sds":
-                out["score"] = losses.sds_score(out["pretrained"], eps_align, weight)
-                return out
-            out["personalized"] = self.personalized(x_hat_t, t, prompt_enc.detach())  # G^β_θLoRA(x̂_t, y_P)
-            out["score"] = losses.palp_score(out["pretrained"], out["personalized"], weight)
-            return out
+                uncond, cond, personalized = self.folded(x_hat_t, t, prompt_enc.detach())
+                return alignment_score("palp", (uncond, cond), lambda: personalized, eps_align, t, cfg.alpha, weight)
+            pre = self.pretrained(x_hat_t, t, *pretrained_prompts(self, cfg.alignment))  # LoRA off
+            personalized = functools.partial(self.personalized, x_hat_t, t, prompt_enc.detach())  # PALP only
+            return alignment_score(cfg.alignment, pre, personalized, eps_align, t, cfg.alpha, weight)
 
     def pretrained(self, x: torch.Tensor, t: torch.Tensor, *encodings: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Pre-trained UNet (LoRA off) on each constant prompt encoding: one call per encoding, or one

@@ -8,7 +8,7 @@ from PIL import Image
 from palp_trainer.config import EvalConfig
 from palp_trainer.evaluate import evaluate_adapter
 from palp_trainer.sampling import generate, pipeline_from, save_grid
-from palp_trainer.loop import build
+from palp_trainer.models import build
 from tests.conftest import tiny_config
 
 

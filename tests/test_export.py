@@ -15,7 +15,9 @@ from PIL import Image
 from palp_trainer.evaluate import reference_images
 from palp_trainer.sampling import pipeline_from
 from palp_trainer.export import AdapterError, export_adapter, load_adapter, load_into_pipeline, read_manifest
-from palp_trainer.loop import build, manifest, train_loop
+from palp_trainer.export import manifest
+from palp_trainer.loop import train_loop
+from palp_trainer.models import build
 from palp_trainer.tiny import save_tiny
 from tests.conftest import tiny_config
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from palp_trainer.config import SubjectSpec
 from palp_trainer.export import export_adapter, load_into_pipeline, read_manifest
 from palp_trainer.export_kohya import kohya_state_dict, lora_name, trigger_words
-from palp_trainer.loop import manifest
+from palp_trainer.export import manifest
 from palp_trainer.models import add_lora
 from palp_trainer.tiny import build_tiny, save_tiny
 from palp_trainer.tiny_xl import save_tiny_xl

@@ -10,7 +10,8 @@ from PIL import Image
 
 from orchestrator.generate import main
 from palp_trainer.export import export_adapter
-from palp_trainer.loop import build, manifest
+from palp_trainer.export import manifest
+from palp_trainer.models import build
 from tests.conftest import tiny_config, trained_looking, write_images
 
 

@@ -11,7 +11,8 @@ from palp_trainer.data import SubjectLatents
 from palp_trainer.config import TrainConfig, group_key
 from palp_trainer.group import GroupModel, GroupTask, group_step, make_group_optimizer, member_configs
 from palp_trainer.group_loop import load_group_checkpoint, restore, save_group_checkpoint
-from palp_trainer.loop import build, make_optimizer, train_step
+from palp_trainer.loop import make_optimizer, train_step
+from palp_trainer.models import build
 from palp_trainer.task import FastPaths, PalpModel, PalpTask
 from palp_trainer.tiny import SD1_SCHEDULER
 from tests.conftest import tiny_config

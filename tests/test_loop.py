@@ -138,7 +138,7 @@ def test_checkpoints_load_without_running_pickled_code(subject_images, tmp_path)
 
 
 def test_out_of_memory_fails_with_what_to_lower(subject_images, tmp_path, monkeypatch):
-    from palp_trainer.loop import TrialOutOfMemory
+    from palp_trainer.worker import TrialOutOfMemory
     from palp_trainer.task import PalpTask
 
     def oom(*args, **kwargs):  # what CUDA raises when an allocation fails

@@ -16,7 +16,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from palp_trainer import losses
 from palp_trainer.config import SubjectSpec
 from palp_trainer.data import SubjectLatents
-from palp_trainer.loop import build, make_optimizer
+from palp_trainer.loop import make_optimizer
+from palp_trainer.models import build
 from palp_trainer.models import load_base
 from palp_trainer.task import NFSD_NEGATIVE, FastPaths, PalpModel, PalpTask
 from palp_trainer.tiny import SD1_SCHEDULER

@@ -12,7 +12,7 @@ from orchestrator.recipe_yaml import load_recipe
 from orchestrator.tracking import TrackingError
 from orchestrator.trial import trial_output_dir, trial_output_uri
 from palp_trainer import storage
-from palp_trainer.loop import localized
+from palp_trainer.worker import localized
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
