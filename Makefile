@@ -46,10 +46,10 @@ mutation: $(STAMP)
 
 # the committed world base and judge are what these write; rerunning continues from runs/world-pretrain
 world-base: $(STAMP)
-	$(BIN)/python -m palp_trainer.world_base palp_trainer/assets/world --work runs/world-pretrain
+	$(BIN)/python -m palp_trainer.world.pretrain palp_trainer/world/assets/base --work runs/world-pretrain
 
 judge: $(STAMP)
-	$(BIN)/python -m palp_trainer.judge palp_trainer/assets/judge.safetensors
+	$(BIN)/python -m palp_trainer.world.judge palp_trainer/world/assets/judge.safetensors
 
 quality: $(STAMP)
 	$(BIN)/python benchmarks/quality_bench.py judge

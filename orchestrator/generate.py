@@ -188,7 +188,8 @@ def _run(args) -> int:
     from palp_trainer.sampling import pipeline_from
     from palp_trainer.export import load_adapter, read_manifest
     from palp_trainer.guidance import alignit_prompts, sample
-    from palp_trainer.scoring import Scorer, placeholders_in, replace_placeholders
+    from palp_trainer.scorers import scorer_kind
+    from palp_trainer.scoring import placeholders_in, replace_placeholders
 
     adapter = _adapter_dir(args.source)
     manifest = read_manifest(adapter)  # AdapterError: one line naming the file and key
@@ -201,15 +202,15 @@ def _run(args) -> int:
     scorer, refs, why = None, None, "--no-score"
     if not args.no_score:
         refs, why = _references(adapter, manifest, used)
-    world_judge = base_defaults(manifest["base_model"]).scorer == "world" and not args.clip_model
-    if refs and world_judge:  # the judge reads the subjects off their references: nothing to score without them
-        from palp_trainer.judge import WorldJudge
-        scorer = WorldJudge()
-    elif not args.no_score and not world_judge:  # before sampling: a missing checkpoint fails in seconds
+    # the base's scorer (palp_trainer.scorers), CLIP where --clip-model names one
+    kind = scorer_kind("clip" if args.clip_model else base_defaults(manifest["base_model"]).scorer)
+    if refs and kind.needs_references:  # the judge reads the subjects off their references: none, nothing to score
+        scorer = kind.load(None, None, args.device)
+    elif not args.no_score and not kind.needs_references:  # before sampling: a missing checkpoint fails in seconds
         clip = args.clip_model or _default_clip(manifest["base_model"])
         try:
             with _quiet_hub():
-                scorer = Scorer(clip_model=clip, dino_model=None, device=args.device)
+                scorer = kind.load(clip, None, args.device)
         except (OSError, ValueError) as e:
             raise UsageError(f"--clip-model {clip}: cannot load it ({_first_line(e)}); "
                              "pass a local CLIP folder, --clip-model tiny, or --no-score") from None
@@ -248,7 +249,7 @@ def _run(args) -> int:
         print(f"scores skipped: {why}")
         return 0
     width = max(map(len, rows))
-    if world_judge:
+    if kind.needs_references:  # the world judge
         subjects = [(s["token"], s["class_word"]) for s in manifest["subjects"] if s["token"] in used]
         print(f"scores of {args.prompt!r} by the world's oracle judge (probabilities):")
         for label, images in rows.items():

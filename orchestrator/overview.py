@@ -10,6 +10,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from PIL import Image
 
+from palp_trainer.scorers import metric_names
+
 from .labels import md_escape, run_name, short_id
 from .model_card import run_link
 from .recipe import Recipe, format_value
@@ -42,7 +44,7 @@ def sweep_note(recipe: Recipe, summary: dict, registered: dict, failed: list[str
                f"{stopped} of {len(rows)} trial(s) early")
     else:
         how = "every trial ran to the end (FIFO)"
-    text, subject = recipe.eval.metric_names
+    text, subject = metric_names(recipe.eval)
     scores = (text, subject, "composite")
     lines = [
         f"**{md_escape(recipe.name)}**: {len(rows)} trial(s) over {len(summary)} (subject, prompt) pair(s); "
@@ -78,7 +80,7 @@ def sweep_note(recipe: Recipe, summary: dict, registered: dict, failed: list[str
 
 def winner_fields(recipe: Recipe, summary: dict, registered: dict) -> tuple[dict[str, float], dict[str, str]]:
     """Each pair's winner as parent-run metrics `best.<pair>.<score>` and tags `best.<pair>.<what>`."""
-    scores = dict.fromkeys((*recipe.eval.metric_names, "composite", recipe.scheduler.metric))
+    scores = dict.fromkeys((*metric_names(recipe.eval), "composite", recipe.scheduler.metric))
     metrics, tags = {}, {}
     for pair, entry in summary.items():
         best, prefix = entry["best"], f"best.{key_part(pair)}"
@@ -98,7 +100,7 @@ def trials_table(recipe: Recipe, summary: dict) -> dict[str, list]:
     """One row per trial and sampling method it was scored with (a trial stopped early: CFG at its step). `run`,
     the run's name, names the row: MlflowClient.load_table (pandas) reads a trial id such as "1e041_00000" as a
     number."""
-    text, subject = recipe.eval.metric_names
+    text, subject = metric_names(recipe.eval)
     columns = ("run", "pair", "trial", "step", "status", "method", text, subject, "composite", "registered")
     table = {c: [] for c in columns}
     last = max(recipe.search.steps)

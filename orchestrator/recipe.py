@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, fields, make_dataclass, replace
 
 from palp_trainer.config import EvalConfig, TrainConfig, base_defaults, check_knob, group_refusal, knobs_where
+from palp_trainer.scorers import score_names
 
 PLACEHOLDER = re.compile(r"\[[^\[\]\s]+\]")  # "[V1]", "[sks]": brackets, no spaces
 DIM_KINDS = ("fixed", "grid", "choice", "uniform", "loguniform")
@@ -335,7 +336,7 @@ class Recipe:
             raise RecipeError(f"resources.trials_per_group: {group_refusal(self.precision)}")
         if self.eval.cuda_graphs and not self.resources.use_gpu:
             raise RecipeError("eval.cuda_graphs: needs GPU workers; set resources.use_gpu: true or drop it")
-        scores = self.eval.score_names
+        scores = score_names(self.eval)
         for where, metric in (("scheduler.metric", self.scheduler.metric),
                               ("mlflow.champion_metric", self.mlflow.champion_metric)):
             if metric is not None and metric not in scores:

@@ -11,6 +11,7 @@ from mlflow.models import Model
 import palp_trainer
 from palp_trainer import pyfunc_model
 from palp_trainer.export import read_manifest
+from palp_trainer.scorers import metric_names
 
 from . import model_card
 from .recipe import slugify
@@ -51,7 +52,7 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict, trials: int
     name = recipe.mlflow.registered_model_template.format(
         subjects="-".join(slugify(s.name) for s in subjects), prompt_slug=prompt.slug)
     metric, mode = recipe.mlflow.champion_metric or recipe.scheduler.metric, recipe.scheduler.mode
-    score_keys = (*recipe.eval.metric_names, "composite")
+    score_keys = (*metric_names(recipe.eval), "composite")
     done = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
     if done:
         aliases = client.get_registered_model(name).aliases or {}
@@ -71,7 +72,7 @@ def register_best(tracking: Tracking, recipe, pair: str, best: dict, trials: int
         _finish_model(client, info, pyfunc_model.signature(defaults), [prompt.target], Path(tmp) / "meta")
     version = mlflow.register_model(info.model_uri, name)
     common = dict(tracking.common_params)
-    text, subject = recipe.eval.metric_names
+    text, subject = metric_names(recipe.eval)
     for key, value in model_card.version_tags(best, manifest, score_keys, metric, common["eval_hash"],
                                               recipe.name).items():
         client.set_model_version_tag(name, version.version, key, value)

@@ -22,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from palp_trainer import storage as store
 from palp_trainer.config import SMALL_BASES
 from palp_trainer.worker import DECISIONS, decision_key
+from palp_trainer.scorers import metric_names
 from palp_trainer.storage import is_remote, join
 
 from . import overview
@@ -49,7 +50,7 @@ FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
 
 def score_keys(recipe: Recipe) -> tuple[str, str, str]:
     """(text alignment, subject fidelity, composite): the recipe's scorer names the first two."""
-    return (*recipe.eval.metric_names, "composite")
+    return (*metric_names(recipe.eval), "composite")
 
 
 def check_storage(storage: str) -> None:
@@ -197,7 +198,7 @@ def summarize(recipe: Recipe, results, report_dir: Path, report_uri: str | None 
     report_uri = report_uri or str(report_dir)
     metric, sign = recipe.scheduler.metric, (1 if recipe.scheduler.mode == "max" else -1)
     keys = score_keys(recipe)
-    text, subject = recipe.eval.metric_names
+    text, subject = metric_names(recipe.eval)
     last_step = max(recipe.search.steps)
     methods = recipe.eval.methods  # labels already: EvalConfig parses the recipe's list
     pairs: dict[str, list] = {p: [] for p in recipe.pair_ids()}
@@ -291,7 +292,7 @@ def record_outcomes(tracking: Tracking, summary: dict, statuses: dict[str, str],
 
 def print_summary(recipe: Recipe, summary: dict) -> None:
     metric = recipe.scheduler.metric
-    text, subject = recipe.eval.metric_names
+    text, subject = metric_names(recipe.eval)
     for pair, s in summary.items():
         print(f"\n== {pair} ==")
         print(f"{'trial':<18} {'step':>5} {text:>13} {subject:>13} {metric:>10}  front  hyperparameters")

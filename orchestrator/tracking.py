@@ -22,6 +22,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from palp_trainer.scorers import metric_names
+
 from .labels import run_name
 from .recipe import Recipe, RecipeError
 
@@ -238,7 +240,7 @@ def source_tags(recipe_path: str | None, git_sha: str) -> dict[str, str]:
 def runs_view(recipe) -> dict:
     """The shared runs view's state (the UI's own keys): the registered model, score and searched-knob columns,
     best first."""
-    scores = dict.fromkeys((*recipe.eval.metric_names, "composite", recipe.scheduler.metric))
+    scores = dict.fromkeys((*metric_names(recipe.eval), "composite", recipe.scheduler.metric))
     return {"selectedColumns": ["attributes.`Models`", *(f"metrics.`{k}`" for k in scores),
                                 *(f"params.`{k}`" for k in recipe.search.dims), f"tags.`{STOPPED_TAG}`"],
             "orderByKey": f"metrics.`{recipe.scheduler.metric}`", "orderByAsc": recipe.scheduler.mode == "min"}

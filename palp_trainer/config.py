@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, fields
 
 TINY_RESOLUTION = 32  # px of the built-in tiny and world bases (their VAEs downsample 2x: latents [4, 16, 16])
 SMALL_BASES = ("tiny", "world", "tiny_xl")  # built-in CPU-sized bases: 32 px, fp32 by default
-SCORERS = ("clip", "world")
+SCORERS = ("clip", "world")  # what eval.scorer may name: palp_trainer/scorers.py implements each
 ALIGNMENTS = ("palp", "sds", "nfsd", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAMPLERS = ("ddim", "dpm")
@@ -154,7 +154,7 @@ class EvalConfig:
     # milestone sampling replays the denoiser as a CUDA graph (CUDA only; opt-in until measured on a GPU)
     cuda_graphs: bool = False
     # "clip": CLIP-T / CLIP-I (/ DINO), meaningful with real weights; "world": the world's oracle judge
-    # (judge_text / judge_subject, palp_trainer/judge.py). None: "world" for base_model world, else "clip"
+    # (judge_text / judge_subject, palp_trainer/world/judge.py). None: "world" for base_model world, else "clip"
     scorer: str | None = None
 
     def __post_init__(self):
@@ -169,19 +169,6 @@ class EvalConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         check_guidance_scale(self.guidance_scale)
         check_seeds(self.seeds)
-
-    @property
-    def metric_names(self) -> tuple[str, str]:
-        """(text alignment, subject fidelity): the two axes of selection, the Pareto plot and the composite."""
-        return ("judge_text", "judge_subject") if self.scorer == "world" else ("clip_t", "clip_i")
-
-    @property
-    def score_names(self) -> tuple[str, ...]:
-        """Every score a milestone evaluation reports: what scheduler.metric and champion_metric may name."""
-        if self.scorer == "world":
-            return ("judge_text", "judge_subject", "judge_success", "composite")
-        return ("clip_t", "clip_i", *(("dino",) if self.dino_model else ()),
-                *(f"clip_t/{e}" for e in self.elements), "composite")
 
     @property
     def image_seeds(self) -> tuple[int, ...]:

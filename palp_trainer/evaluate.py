@@ -4,7 +4,6 @@ import functools
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from .config import EvalConfig, TrainConfig, method_of
@@ -12,32 +11,25 @@ from .data import crop_image
 from .guidance import sample
 from .models import Base
 from .sampling import generate, pipeline_from, save_grid
+from .scorers import scorer_kind
 
 NOT_SCORES = ("eval_seconds", "eval_sample_seconds", "samples")  # evaluate_adapter's cost and grid path
 
 
 def scorer_for(ev: EvalConfig, device: str):
-    """The eval's scorer: CLIP (+ DINO) or the world's oracle judge."""
+    """The eval's scorer model (scorers.py: CLIP (+ DINO) or the world's oracle judge)."""
     return _load_scorer(ev.scorer, ev.clip_model, ev.dino_model, device)
 
 
 @functools.lru_cache(maxsize=2)
 def _load_scorer(scorer: str | None, clip_model: str, dino_model: str | None, device: str):
     """Loaded once per process (keyed on the checkpoints, not the whole eval config) and reused at every milestone."""
-    if scorer == "world":
-        from .judge import WorldJudge
-        return WorldJudge()
-    from .scoring import Scorer
-    return Scorer(clip_model=clip_model, dino_model=dino_model, device=torch.device(device))
+    return scorer_kind(scorer).load(clip_model, dino_model, device)
 
 
 def score_images(ev: EvalConfig, scorer, config: TrainConfig, images: list[Image.Image],
                  references: list[list[Image.Image]]) -> dict:
-    """CLIP-T is against the clean prompt y^c; the judge reads the target prompt's attributes and subjects."""
-    if ev.scorer == "world":
-        return scorer.score(images, config.target_prompt, [(s.token, s.class_word) for s in config.subjects],
-                            references, ev.weight_text, ev.weight_image)
-    return scorer.score(images, config.clean_prompt, references, ev.elements, ev.weight_text, ev.weight_image)
+    return scorer_kind(ev.scorer).score(scorer, ev, config, images, references)
 
 
 def reference_images(config: TrainConfig) -> list[list[Image.Image]]:

@@ -15,7 +15,7 @@ from .family import SD1, SDXL, family_of
 from .tiny import SD1_SCHEDULER, build_tiny
 from .tiny_xl import build_tiny_xl
 
-WORLD_DIR = Path(__file__).parent / "assets" / "world"  # the pretrained world base (world_base.py), diffusers layout
+WORLD_DIR = Path(__file__).parent / "world" / "assets" / "base"  # the pretrained world base (world/pretrain.py), diffusers layout
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections (App. C)
 
 

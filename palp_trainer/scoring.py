@@ -23,7 +23,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _placeholder_pattern(tokens) -> re.Pattern:
+def placeholder_pattern(tokens) -> re.Pattern:
     # longest first, so "[V10]" wins over "[V1]" and "sks1" over "sks"; a token edge that is a word
     # character must not touch another one ("sks" is not found in "sksx"), punctuation may ("[V1]'s")
     tokens = sorted(set(tokens), key=len, reverse=True)
@@ -37,12 +37,12 @@ def replace_placeholders(prompt: str, mapping: dict[str, str]) -> str:
     """'A [V1] by [V10].' with {"[V1]": "cat", "[V10]": "dog"} -> 'A cat by dog.' (the clean prompt)."""
     if not mapping:
         return prompt
-    return _placeholder_pattern(mapping).sub(lambda m: mapping[m.group(0)], prompt)
+    return placeholder_pattern(mapping).sub(lambda m: mapping[m.group(0)], prompt)
 
 
 def placeholders_in(prompt: str, tokens) -> list[str]:
     """The `tokens` that occur in `prompt`, each once, in order of first appearance."""
-    return list(dict.fromkeys(m.group(0) for m in _placeholder_pattern(tokens).finditer(prompt)))
+    return list(dict.fromkeys(m.group(0) for m in placeholder_pattern(tokens).finditer(prompt)))
 
 
 def composite(clip_t: float, clip_i: float, weight_text: float = 1.0, weight_image: float = 1.0) -> float:

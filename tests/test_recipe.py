@@ -12,6 +12,7 @@ from orchestrator.recipe_yaml import apply_override, load_recipe
 from orchestrator.search_space import expand_trials, grid_points, hparams_of, param_space, train_config
 from palp_trainer.config import (ALIGNMENT_ONLY, GROUP_KNOBS, KNOBS, TINY_RESOLUTION, SubjectSpec, TrainConfig,
                                  knobs_where)
+from palp_trainer.scorers import metric_names
 from tests.conftest import write_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def test_world_recipes_score_with_the_judge_on_the_world_base():
         recipe = load_recipe(path)
         world = recipe.base_model == "world"
         assert (recipe.eval.scorer == "world") == world, path.name
-        assert recipe.eval.metric_names == (("judge_text", "judge_subject") if world else ("clip_t", "clip_i"))
+        assert metric_names(recipe.eval) == (("judge_text", "judge_subject") if world else ("clip_t", "clip_i"))
         if world:  # orientation is part of an arrow's or a moon's identity: no flipped references
             assert (recipe.resolution, recipe.precision, recipe.train.flip) == (32, "fp32", False), path.name
 

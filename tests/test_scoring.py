@@ -172,3 +172,18 @@ def test_placeholders_in_order_of_appearance():
     assert placeholders_in("a photo of a cat", ["[V1]"]) == []
     with pytest.raises(ValueError, match="non-empty"):
         placeholders_in("a cat", [""])
+
+
+def test_each_scorer_kind_reports_its_two_axes_and_the_composite():
+    """scorers.py: the one place a scorer is chosen; each kind's axes are among the scores it reports."""
+    from palp_trainer.config import SCORERS as NAMES
+    from palp_trainer.config import EvalConfig
+    from palp_trainer.scorers import SCORERS, metric_names, score_names
+
+    assert tuple(SCORERS) == NAMES
+    for name in NAMES:
+        ev = EvalConfig(scorer=name, elements=("a sketch",))
+        assert set(metric_names(ev)) < set(score_names(ev)) and score_names(ev)[-1] == "composite", name
+    assert score_names(EvalConfig(scorer="clip", dino_model="d", elements=("a sketch",))) == (
+        "clip_t", "clip_i", "dino", "clip_t/a sketch", "composite")
+    assert metric_names(EvalConfig()) == ("clip_t", "clip_i")  # unresolved (None): CLIP

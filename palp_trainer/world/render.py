@@ -5,7 +5,7 @@ Every image is a pure function of its attributes and a seed. Captions share one 
 - novel objects (moon, house, arrow), a novel style (stripes) and a novel scene (checker): the subjects
   a user personalizes, each with a class word the base knows (`SUBJECT_CLASS`);
 - `HELD_OUT` full combinations of known attributes: measure composition.
-The oracle judge (`judge.py`) is trained on every part, the base (`world_base.py`) on the known ones.
+The oracle judge (`judge.py`) is trained on every part, the base (`pretrain.py`) on the known ones.
 """
 
 import hashlib
@@ -224,6 +224,6 @@ def write_subjects(directory) -> list[str]:
     return written
 
 
-if __name__ == "__main__":  # python -m palp_trainer.world DIR: write the subjects' reference images
+if __name__ == "__main__":  # python -m palp_trainer.world.render DIR: write the subjects' reference images
     import sys
     print("\n".join(write_subjects(sys.argv[1] if len(sys.argv) > 1 else "recipes/data/world")))

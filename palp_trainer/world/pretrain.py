@@ -1,9 +1,9 @@
 """Pretrain the world base: an SD-1.x-shaped model (AutoencoderKL, CLIPTextModel, UNet2DConditionModel,
-ε-prediction on the SD-1 schedule) that knows the procedural world of `world.py`.
+ε-prediction on the SD-1 schedule) that knows the procedural world of `render.py`.
 
 One command, fixed seeds, resumable (rerun it: each stage continues from its files in WORK):
 
-    python -m palp_trainer.world_base palp_trainer/assets/world --work runs/world-pretrain
+    python -m palp_trainer.world.pretrain palp_trainer/world/assets/base --work runs/world-pretrain
 
 Stages: render a pool of seen-attribute images -> train the VAE (on renders of every attribute: it is the
 image codec) -> cache latents -> train the text encoder and UNet together (caption dropout for CFG, EMA weights) -> write a diffusers directory.
@@ -22,8 +22,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from diffusers.training_utils import compute_snr
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from . import world
-from .tiny import SD1_SCHEDULER, build_tokenizer
+from . import render as world
+from ..tiny import SD1_SCHEDULER, build_tokenizer
 
 MAX_LENGTH = 20  # tokens; the longest world caption is 11 with BOS/EOS
 SEED = 0
@@ -129,7 +129,7 @@ def train_denoiser(parts: dict, latents: torch.Tensor, attrs: list, steps: int, 
     ema = [p.detach().clone() for p in params]
     start = 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
@@ -206,7 +206,7 @@ def pretrain(out_dir: Path, work: Path, pool_size: int, vae_steps: int, steps: i
     latent_file = work / "latents.pt"
     if not latent_file.exists():
         torch.save(encode(vae, pixels), latent_file)
-    latents = torch.load(latent_file)
+    latents = torch.load(latent_file, weights_only=True)
     scale = 1.0 / latents.std().item()
     vae.register_to_config(scaling_factor=scale)
     print(f"latents: {tuple(latents.shape)}, scaling_factor {scale:.4f}", flush=True)

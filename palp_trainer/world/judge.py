@@ -5,7 +5,7 @@ degradations (blur, noise, down-up sampling, tone jitter); it never sees the dif
 Its validation (per attribute, on clean renders, on renders passed through the base's VAE and back, and on
 degraded ones) is in benchmarks/QUALITY.md. Train it (about 10 minutes on 2 cores):
 
-    python -m palp_trainer.judge palp_trainer/assets/judge.safetensors
+    python -m palp_trainer.world.judge palp_trainer/world/assets/judge.safetensors
 
 Scores of a set of samples for a target prompt (`score`), all in [0, 1]:
 - judge_text: the mean probability of each attribute the prompt names (style, colour, background; a
@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import world
+from . import render as world
 
 HEADS = {"shape": world.ALL_SHAPES, "colour": tuple(world.COLOURS), "background": world.ALL_BACKGROUNDS,
          "style": world.ALL_STYLES}
@@ -87,7 +87,7 @@ def labels(attrs: list[world.Attrs]) -> dict[str, torch.Tensor]:
 
 def train(out: Path, n: int = 24000, steps: int = 2000, batch: int = 64, seed: int = 7) -> JudgeNet:
     """Fit on `n` renders drawn uniformly over every attribute (novel ones too), degraded at random."""
-    from .world_base import render_pool
+    from .pretrain import render_pool
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     images, attrs = render_pool(n, seed, pool=None)
@@ -156,7 +156,7 @@ class WorldJudge:
     def score(self, images, prompt: str, subjects: list[tuple[str, str]], references: list[list],
               weight_text: float = 1.0, weight_image: float = 1.0) -> dict:
         """`prompt` may hold placeholders; `subjects[k]` = (token, class word) with reference images `references[k]`."""
-        from .scoring import composite
+        from ..scoring import composite
         if len(images) == 0:
             raise ValueError("score: no images to score")
         p = self.probs(images)
@@ -187,10 +187,10 @@ def parse_prompt(prompt: str, subjects: list[tuple[str, str]], features: list[wo
     "a sketch of a [V1] on grass" with [V1] a yellow moon -> ({style: sketch, background: grass},
     [(shape, moon), (colour, yellow)]); a style subject ("a [V2] of a [V1]", [V2]'s class word "painting")
     names its style; a scene subject names its background."""
-    from .scoring import _placeholder_pattern  # one rule for finding placeholders (longest first, word edges)
+    from ..scoring import placeholder_pattern  # one rule for finding placeholders (longest first, word edges)
     named: dict[str, str] = {}
     tokens = {token: (cls, f) for (token, cls), f in zip(subjects, features)}
-    pattern = f"{_placeholder_pattern(tokens).pattern}|" if tokens else ""
+    pattern = f"{placeholder_pattern(tokens).pattern}|" if tokens else ""
     words = re.findall(rf"{pattern}[A-Za-z]+", prompt)
     identity, seen = [], []
     for word in words:
