@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         from diffusers import UNet2DConditionModel
         unet, dtype, size, width = UNet2DConditionModel(**SD15_UNET), torch.bfloat16, 64, 768
     else:
-        unet, dtype, size, width = load_base("tiny").unet, torch.float32, 16, 32
+        unet, dtype, size, width = load_base("tiny").denoiser, torch.float32, 16, 32
     unet.requires_grad_(False)
     params = add_lora(unet, 4)
     with torch.no_grad():

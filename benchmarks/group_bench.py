@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     dtype = models.DTYPES[config.precision]
     base = random_base(device, args.tiny)
     embedding = add_placeholders(base, config.tokens, ("cat",))
-    lora = add_lora(base.unet, config.rank)
-    for module in (base.unet, base.text_encoder, base.vae):
+    lora = add_lora(base.denoiser, config.rank)
+    for module in (base.denoiser, base.text_encoder, base.vae):
         for q in module.parameters():
             if not q.requires_grad:
                 q.data = q.data.to(dtype)

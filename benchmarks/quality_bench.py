@@ -182,7 +182,7 @@ def x0_from_noise(base, prompt: str, guidance: float, seeds: tuple[int, ...]) ->
     images = []
     for s in seeds:
         x = torch.randn((1, 4, world.RESOLUTION // 2, world.RESOLUTION // 2), generator=torch.Generator().manual_seed(s))
-        e_c, e_u = base.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])).sample.chunk(2)
+        e_c, e_u = base.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])).sample.chunk(2)
         x0 = (x - (1 - a).sqrt() * (e_u + guidance * (e_c - e_u))) / a.sqrt()
         img = base.vae.decode(x0 / base.vae.config.scaling_factor).sample.clamp(-1, 1)
         images.append(Image.fromarray(((img[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()))

@@ -215,7 +215,7 @@ def run_one(base, embedding, lora_params, device, dtype, args, variant: str, mod
     fast = parse_variant(variant, device, dtype, batch_size)
     torch.backends.cudnn.benchmark = "+cudnn_benchmark" in variant
     if not fast.channels_last:  # a previous run may have left the UNet in NHWC
-        base.unet.to(memory_format=torch.contiguous_format)
+        base.denoiser.to(memory_format=torch.contiguous_format)
     data = RandomLatents(8, config.resolution // 8 if not args.tiny else config.resolution // 2, device, dtype)
     model = PalpModel(base)
     optimizer = loop.make_optimizer(config, lora_params, embedding)

@@ -236,8 +236,8 @@ def load_adapter(directory: str | Path, device: torch.device | str = "cpu") -> t
     tokens = tuple(manifest["tokens"])
     embedding = add_placeholders(base, tokens,
                                  tuple(manifest["placeholders"][t] for t in tokens))
-    add_lora(base.unet, manifest["rank"], manifest["lora_alpha"])
-    load_weights(directory, base.unet, embedding)
+    add_lora(base.denoiser, manifest["rank"], manifest["lora_alpha"])
+    load_weights(directory, base.denoiser, embedding)
     for module in base.frozen:
         module.to(device)
     return base, manifest

@@ -5,7 +5,7 @@ The trainer, the trial groups, evaluation and export call these few methods and 
 - `load(ref)`: the parts of a diffusers folder or hub id (the tokenizers and text encoders, VAE, UNet, schedule);
 - `tokenize(base, prompts, device)`: prompt ids, one row per prompt (SDXL: [N, 2, 77], one per tokenizer);
 - `encode(encoders, ids, time_ids)`: the conditioning of those prompts as ONE tensor, [N, L, D];
-- `denoise(unet, x, t, cond)`: the UNet's output on that conditioning;
+- `denoise(denoiser, x, t, cond)`: the denoiser's (a UNet's) output on that conditioning;
 - `unconditional(base, device, resolution)`: the conditioning of ∅, as the family's pipeline builds it for CFG;
 - `retime(cond, time_ids)`: the conditioning at other sizes (a sample's instead of a photo's);
 - `context(encoders, ids)`: the cross-attention tokens alone (AlignIT);
@@ -44,7 +44,7 @@ class SD1:
             tokenizer=CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer"),
             text_encoder=CLIPTextModel.from_pretrained(ref, subfolder="text_encoder"),
             vae=AutoencoderKL.from_pretrained(ref, subfolder="vae"),
-            unet=UNet2DConditionModel.from_pretrained(ref, subfolder="unet"),
+            denoiser=UNet2DConditionModel.from_pretrained(ref, subfolder="unet"),
             noise_scheduler=DDPMScheduler.from_pretrained(ref, subfolder="scheduler"),
         )
 
@@ -54,8 +54,8 @@ class SD1:
     def encode(self, encoders, ids: torch.Tensor, time_ids: torch.Tensor | None = None) -> torch.Tensor:
         return encoders[0](ids)[0]  # [N, 77, d]
 
-    def denoise(self, unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return unet(x, t, cond).sample
+    def denoise(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return denoiser(x, t, cond).sample
 
     def unconditional(self, base, device, resolution: int) -> torch.Tensor:
         return self.encode(base.encoders, self.tokenize(base, [""], device))
@@ -77,7 +77,7 @@ class SD1:
         """The stock diffusers pipeline around `base`'s in-memory modules (no reload)."""
         from diffusers import StableDiffusionPipeline
         return StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                       unet=base.unet, scheduler=scheduler, safety_checker=None,
+                                       unet=base.denoiser, scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
 
 
@@ -117,11 +117,12 @@ class SDXL(SD1):
         time_ids = time_ids.to(context.device, context.dtype).expand(n, -1)
         return torch.cat([context, torch.cat([pooled.to(context.dtype), gap, time_ids], -1)[:, None]], 1)
 
-    def denoise(self, unet, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        pooled = unet.config.projection_class_embeddings_input_dim - TIME_IDS * unet.config.addition_time_embed_dim
+    def denoise(self, denoiser, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        config = denoiser.config
+        pooled = config.projection_class_embeddings_input_dim - TIME_IDS * config.addition_time_embed_dim
         row = cond[:, -1]
         added = {"text_embeds": row[:, :pooled], "time_ids": row[:, -TIME_IDS:]}
-        return unet(x, t, cond[:, :-1], added_cond_kwargs=added).sample
+        return denoiser(x, t, cond[:, :-1], added_cond_kwargs=added).sample
 
     def unconditional(self, base, device, resolution: int) -> torch.Tensor:
         # force_zeros_for_empty_prompt (the SDXL default): ∅ is zeros, text and pooled alike, with the sample's sizes
@@ -142,7 +143,7 @@ class SDXL(SD1):
         from diffusers import StableDiffusionXLPipeline
         return StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder,
                                          text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
-                                         tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=scheduler,
+                                         tokenizer_2=base.tokenizer_2, unet=base.denoiser, scheduler=scheduler,
                                          add_watermarker=False)
 
 

@@ -45,11 +45,11 @@ class GroupModel(nn.Module):
 
     def __init__(self, base: Base, embedding, k: int):
         super().__init__()
-        self.unet = base.unet
+        self.denoiser = base.denoiser
         self.encoders = nn.ModuleList(base.encoders)
         self.family = base.family
         self.embedding = embedding
-        self.layers = [m for m in base.unet.modules() if isinstance(m, LoraLayer)]
+        self.layers = [m for m in base.denoiser.modules() if isinstance(m, LoraLayer)]
         self.scaling = self.layers[0].scaling["default"]  # lora_alpha / rank, the same in every layer
         self.members = MemberWeights(self.layers, embedding.rows, k)
         self.route: list[int | None] | None = None  # per row block: member index, or None for LoRA off
@@ -80,18 +80,18 @@ class GroupModel(nn.Module):
         self.route = route
         if rows is not None:
             self.embedding.override = torch.cat([self.members.rows[m] for m in rows])
-        self.unet.disable_adapters()
+        self.denoiser.disable_adapters()
         try:
             yield
         finally:
             self.route, self.embedding.override = None, None
-            self.unet.enable_adapters()
+            self.denoiser.enable_adapters()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, time_ids: torch.Tensor,
                 route: list[int]):
         with self.routed(route, route):
             enc = self.family.encode(self.encoders, ids, time_ids)  # [K·B, 77(+1), d]
-            return self.family.denoise(self.unet, x_t, t, enc), enc
+            return self.family.denoise(self.denoiser, x_t, t, enc), enc
 
     @torch.no_grad()
     def load_member(self, m: int) -> None:
@@ -111,7 +111,7 @@ class GroupTask:
         self.configs = configs
         self.config = configs[0]  # everything but GROUP_KNOBS is the same in every member
         self.model = self.group = model  # GroupModel (one worker: no DDP, see Resources.trials_per_group)
-        self.unet = base.unet
+        self.denoiser = base.denoiser
         self.device, self.dtype = device, dtype
         self.active = list(range(len(configs)))  # members still training
         self.first_id = first_placeholder_id
@@ -137,7 +137,7 @@ class GroupTask:
         return as_eps(x_t, pred, self.alphas_cumprod[t], self.v_prediction)
 
     def denoise(self, x, t, cond):
-        return self.family.denoise(self.unet, x, t, cond).float()
+        return self.family.denoise(self.denoiser, x, t, cond).float()
 
     def autocast(self):
         if self.dtype == torch.float32:

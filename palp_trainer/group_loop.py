@@ -171,7 +171,7 @@ def train_group(configs: list[TrainConfig | dict], trial_ids: list[str], send: S
                                                if config.eval is not None else {})}
             with watch("export"):
                 group.load_member(m)
-                export_adapter(outputs[m] / "adapter", base.unet, embedding, manifest(configs[m], step, base))
+                export_adapter(outputs[m] / "adapter", base.denoiser, embedding, manifest(configs[m], step, base))
                 publish(outputs[m], configs[m])
             metrics[m]["adapter"] = storage.join(configs[m].output_uri or str(outputs[m]), "adapter")
             if logs[m]:

@@ -41,11 +41,11 @@ def save_checkpoint(directory: Path, step: int, base, embedding, optimizer, scal
     """LoRA + embeddings (as an exported adapter), optimizer, fp16 loss scale, step, the training time so far
     and every RNG state. Tensors and plain Python only: it loads with `weights_only=True` (no pickle code)."""
     # tools=False: a checkpoint is resumed here, not opened in a UI; the LoRA is not stored a second time
-    export_adapter(directory, base.unet, embedding, manifest(config, step, base), tools=False)
+    export_adapter(directory, base.denoiser, embedding, manifest(config, step, base), tools=False)
     torch.save({
         "step": step,
         "seconds": seconds,
-        "lora": {n: p.detach().cpu() for n, p in base.unet.named_parameters() if p.requires_grad},
+        "lora": {n: p.detach().cpu() for n, p in base.denoiser.named_parameters() if p.requires_grad},
         "rows": embedding.rows.detach().cpu(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),  # {} unless fp16
@@ -60,7 +60,7 @@ def load_checkpoint(directory: Path, base, embedding, optimizer, scaler, generat
     """Restore a checkpoint into the live objects; returns (step, training seconds so far)."""
     # weights_only: checkpoints come from shared storage (maybe s3://); unpickling them could run code
     state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    params = dict(base.unet.named_parameters())
+    params = dict(base.denoiser.named_parameters())
     with torch.no_grad():
         for name, value in state["lora"].items():
             params[name].copy_(value)
@@ -213,7 +213,7 @@ def train_loop(config: TrainConfig | dict, base: Base | None = None) -> dict:
     metrics["time_total_s"] = time.perf_counter() - started  # training + evaluations, before export
     if rank == 0:
         with watch("export"):
-            export_adapter(output / "adapter", base.unet, embedding, manifest(config, step, base))
+            export_adapter(output / "adapter", base.denoiser, embedding, manifest(config, step, base))
             publish(output, config)
         metrics["adapter"] = storage.join(config.output_uri or str(output), "adapter")
         if log:

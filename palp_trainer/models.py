@@ -27,7 +27,7 @@ class Base:
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
-    unet: UNet2DConditionModel
+    denoiser: UNet2DConditionModel  # the denoising network: a UNet here; a transformer in SD3 / FLUX
     noise_scheduler: DDPMScheduler
     family: SD1 = SD1()  # what differs between model families (family.py)
     tokenizer_2: CLIPTokenizer | None = None  # SDXL's second tokenizer and encoder (clip_g)
@@ -40,7 +40,7 @@ class Base:
     @property
     def frozen(self) -> list[nn.Module]:
         """Every module of the base: all frozen but the LoRA and placeholder rows added to them."""
-        return [self.unet, *self.encoders, self.vae]
+        return [self.denoiser, *self.encoders, self.vae]
 
 
 def resolve_base(ref: str) -> str:
@@ -224,7 +224,7 @@ def build(config: TrainConfig, device: torch.device, base: Base | None = None):
     dtype = DTYPES[config.precision]
     base = base or load_base(config.base_model)
     embedding = add_placeholders(base, config.tokens, tuple(s.class_word for s in config.subjects))
-    lora_params = add_lora(base.unet, config.rank, config.lora_alpha)
+    lora_params = add_lora(base.denoiser, config.rank, config.lora_alpha)
     for module in base.frozen:
         for p in module.parameters():
             if not p.requires_grad:

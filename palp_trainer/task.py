@@ -24,13 +24,13 @@ class PalpModel(nn.Module):
 
     def __init__(self, base: Base):
         super().__init__()
-        self.unet = base.unet
+        self.denoiser = base.denoiser
         self.encoders = nn.ModuleList(base.encoders)  # the first holds the placeholder rows
         self.family = base.family
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, time_ids: torch.Tensor):
         enc = self.family.encode(self.encoders, ids, time_ids)  # [B, 77(+1), d]
-        return self.family.denoise(self.unet, x_t, t, enc), enc
+        return self.family.denoise(self.denoiser, x_t, t, enc), enc
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class PalpTask:
         if self.fast.native_dtype and dtype == torch.float32:
             raise ValueError("native_dtype is for bf16/fp16 precision; fp32 has no autocast to leave out")
         self.model = model  # PalpModel, possibly DDP-wrapped
-        self.unet = base.unet  # the same module, unwrapped, for the no-grad branch
+        self.denoiser = base.denoiser  # the same module, unwrapped, for the no-grad branch
         self.device = device
         self.dtype = dtype
         self.first_placeholder_id = first_placeholder_id
@@ -156,9 +156,9 @@ class PalpTask:
         self.sample_time_ids = self.family.default_time_ids(config.resolution).to(device)
         self.empty_enc, self.clean_enc, self.negative_enc = constant_encodings(
             base, config, device, self.autocast())
-        self.lora_layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
+        self.lora_layers = [m for m in self.denoiser.modules() if isinstance(m, LoraLayer)]
         if self.fast.channels_last:
-            self.unet.to(memory_format=torch.channels_last)  # conv weights; activations follow
+            self.denoiser.to(memory_format=torch.channels_last)  # conv weights; activations follow
         self.graphed = {}  # align -> the step captured on its first use, when the batch shapes are known
         self.graph_pool = None  # one memory pool for both step kinds (align_every > 1): they never overlap
 
@@ -192,14 +192,14 @@ class PalpTask:
                 out[start:] += layer.lora_B[a](layer.lora_A[a](layer.lora_dropout[a](x))) * layer.scaling[a]
             return out
 
-        self.unet.disable_adapters()  # rows [:start]: no LoRA term at all, the pre-trained layers
+        self.denoiser.disable_adapters()  # rows [:start]: no LoRA term at all, the pre-trained layers
         handles = [layer.register_forward_hook(hook) for layer in self.lora_layers]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
-            self.unet.enable_adapters()
+            self.denoiser.enable_adapters()
 
     def make_batch(self, generator: torch.Generator, latents, global_batch: int,
                    rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
@@ -230,7 +230,7 @@ class PalpTask:
         cfg = self.config
         alpha_bar = self.alphas_cumprod[t]  # [B]
         x_t = losses.add_noise(x0, eps, alpha_bar)
-        lora_weights = masters_as(self.dtype, self.unet) if self.fast.native_dtype else contextlib.nullcontext()
+        lora_weights = masters_as(self.dtype, self.denoiser) if self.fast.native_dtype else contextlib.nullcontext()
         with self.lora_in_compute_dtype(), lora_weights:
             with self.autocast():
                 eps_pred, prompt_enc = self.model(x_t.to(self.dtype), t, self.prompt_ids[subject], time_ids)
@@ -247,7 +247,7 @@ class PalpTask:
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The UNet's output (as it predicts: ε or v) on conditioning `cond`, in fp32."""
-        return self.family.denoise(self.unet, x, t, cond).float()
+        return self.family.denoise(self.denoiser, x, t, cond).float()
 
     def as_eps(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return as_eps(x_t, pred, self.alphas_cumprod[t], self.v_prediction)
@@ -291,7 +291,7 @@ class PalpTask:
         batched call (FastPaths.batch_pretrained)."""
         n, b = len(encodings), len(x)
         xc = x.to(self.dtype)
-        self.unet.disable_adapters()
+        self.denoiser.disable_adapters()
         try:
             with self.autocast():
                 if self.fast.batch_pretrained:
@@ -301,7 +301,7 @@ class PalpTask:
                     out = [self.denoise(xc, t, e.expand(b, -1, -1)) for e in encodings]
                 return tuple(self.as_eps(x, o, t) for o in out)
         finally:
-            self.unet.enable_adapters()
+            self.denoiser.enable_adapters()
 
     def folded(self, x: torch.Tensor, t: torch.Tensor, prompt_enc: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """PALP's no-grad calls as one: rows [∅, y^c] with LoRA off, then y_P (β = 1) or

@@ -53,7 +53,7 @@ def untrained_adapter(root) -> Path:
     config = tiny_config(write_images(root / "cat", 2, seed=0), root / "run")
     torch.manual_seed(0)
     base, embedding, _ = build(config, torch.device("cpu"))
-    return export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2))
+    return export_adapter(root / "adapter", base.denoiser, embedding, manifest(config, 2))
 
 
 def trained_looking(config: TrainConfig):

@@ -54,7 +54,7 @@ def test_evaluate_adapter_reports_scores_grid_and_cost(subject_images, tmp_path)
     # the grid holds the live weights' samples: the LoRA and [V] rows on, the eval config's seeds and steps
     args = (config.target_prompt, (0, 1, 2), 2, 7.5, 2, 32)
     want = save_grid(generate(pipeline_from(base), *args), tmp_path / "want.png")
-    base.unet.disable_adapters()
+    base.denoiser.disable_adapters()
     lora_off = save_grid(generate(pipeline_from(base), *args), tmp_path / "lora_off.png")
     with Image.open(want) as a, Image.open(lora_off) as b:
         assert np.array_equal(grid, np.asarray(a.convert("RGB")))
@@ -67,9 +67,9 @@ def test_sampling_uses_the_lora_and_the_placeholder_rows(subject_images, tmp_pat
     base = trained_like(config, 0)
     args = (config.target_prompt, (0, 1), 4, 7.5, 2, 32)
     on = _pixels(generate(pipeline_from(base), *args))
-    base.unet.disable_adapters()
+    base.denoiser.disable_adapters()
     off = _pixels(generate(pipeline_from(base), *args))
-    base.unet.enable_adapters()
+    base.denoiser.enable_adapters()
     embedding = base.text_encoder.get_input_embeddings()
     with torch.no_grad():  # not a constant shift: CLIP's LayerNorms would remove it exactly
         embedding.rows.add_(torch.randn(embedding.rows.shape, generator=torch.Generator().manual_seed(1)))
@@ -88,10 +88,10 @@ def test_half_precision_sampling_runs_natively_and_stays_as_close_to_fp32_as_aut
     config = tiny_config(subject_images, tmp_path, precision="bf16")
     base = trained_like(config, 0)
     pipe = pipeline_from(base)
-    lora = [p for n, p in base.unet.named_parameters() if "lora_" in n]
+    lora = [p for n, p in base.denoiser.named_parameters() if "lora_" in n]
     args = (config.target_prompt, (0, 1), 4, 7.5, 2, 32)
     seen = []  # the weight dtypes a LoRA layer and the placeholder table compute with
-    lora_a = next(m for n, m in base.unet.named_modules() if n.endswith("lora_A.default"))
+    lora_a = next(m for n, m in base.denoiser.named_modules() if n.endswith("lora_A.default"))
     hooks = [lora_a.register_forward_pre_hook(lambda m, a: seen.append(("lora", m.weight.dtype, a[0].dtype))),
              base.text_encoder.get_input_embeddings().register_forward_pre_hook(
                  lambda m, a: seen.append(("rows", m.rows.dtype)))]
@@ -100,15 +100,15 @@ def test_half_precision_sampling_runs_natively_and_stays_as_close_to_fp32_as_aut
         h.remove()
     assert set(seen) == {("lora", torch.bfloat16, torch.bfloat16), ("rows", torch.bfloat16)}
     assert all(p.dtype == torch.float32 and isinstance(p, torch.nn.Parameter) for p in lora)
-    assert [p for n, p in base.unet.named_parameters() if "lora_" in n] == lora  # the same masters, registered
+    assert [p for n, p in base.denoiser.named_parameters() if "lora_" in n] == lora  # the same masters, registered
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = _pixels(generate(pipe, *args))
-    for module in (base.unet, base.text_encoder, base.vae):
+    for module in (base.denoiser, base.text_encoder, base.vae):
         module.float()
     fp32 = _pixels(generate(pipe, *args))
     err_native, err_autocast = np.abs(native - fp32).mean(), np.abs(autocast - fp32).mean()
     assert err_native > 0 and err_native <= max(3 * err_autocast, 2.0), (err_native, err_autocast)  # of 255
-    base.unet.disable_adapters()
+    base.denoiser.disable_adapters()
     lora_off = _pixels(generate(pipe, *args))  # what a sampler that dropped the LoRA would give: far outside
     assert np.abs(lora_off - fp32).mean() > 2 * max(3 * err_autocast, 2.0)
 
@@ -121,7 +121,7 @@ def test_graphed_denoiser_replays_the_eager_samples(subject_images, tmp_path):
     pipe = pipeline_from(base)
     args = (config.target_prompt, (0, 1, 2), 6, 7.5, 2, 32)  # batches of 2 and 1: two graphs
     calls = []  # a submodule's hook fires in eager calls and the capture, not in replays
-    handle = base.unet.conv_in.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    handle = base.denoiser.conv_in.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
     eager = _pixels(generate(pipe, *args))
     n_eager = list(calls)
     calls.clear()
@@ -129,4 +129,4 @@ def test_graphed_denoiser_replays_the_eager_samples(subject_images, tmp_path):
     handle.remove()
     assert n_eager == [4] * 6 + [2] * 6 and calls == [4] * 3 + [2] * 3  # 2 warm-ups + the capture per batch
     assert np.abs(graphed - eager).max() <= 1.0
-    assert "forward" not in vars(base.unet)  # the class's forward is back
+    assert "forward" not in vars(base.denoiser)  # the class's forward is back

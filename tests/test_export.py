@@ -58,7 +58,7 @@ def exported_adapter(root, images):
     config = tiny_config(images, root / "run")
     torch.manual_seed(0)
     base, embedding, _ = build(config, torch.device("cpu"))
-    return config, export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2))
+    return config, export_adapter(root / "adapter", base.denoiser, embedding, manifest(config, 2))
 
 
 def strings(value):

@@ -112,8 +112,8 @@ def exported(tmp_path_factory):
                          lora_alpha=LORA_ALPHA, target_prompt="A sketch of [V1] and [V2]",
                          clean_prompt="A sketch of cat and mug")
     base, embedding = trained_looking(config)
-    adapter = export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2))
-    return adapter, base_dir, base.unet
+    adapter = export_adapter(root / "adapter", base.denoiser, embedding, manifest(config, 2))
+    return adapter, base_dir, base.denoiser
 
 
 def test_every_key_is_one_kohya_comfyui_and_a1111_map(exported):
@@ -252,7 +252,7 @@ def exported_xl(tmp_path_factory):
     config = tiny_config((), root / "run", subjects=subjects, base_model=str(base_dir), rank=RANK,
                          lora_alpha=LORA_ALPHA)
     base, embedding = trained_looking(config)
-    return export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2, base)), base_dir
+    return export_adapter(root / "adapter", base.denoiser, embedding, manifest(config, 2, base)), base_dir
 
 
 def test_sdxl_kohya_lora_and_a1111_embeddings_reproduce_the_diffusers_samples(exported_xl):

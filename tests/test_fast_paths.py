@@ -93,7 +93,7 @@ def test_fold_alignment_equals_separate_calls(subject_images, tmp_path, beta):
     eps_pred, enc = plain.model(x_t, batch["t"], plain.prompt_ids[batch["subject"]], batch["time_ids"])
     x0_hat = losses.predict_x0(x_t, eps_pred, alpha_bar)
     calls = []
-    handle = base.unet.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    handle = base.denoiser.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
     want = plain.alignment_branch(x0_hat, batch, enc)
     n_plain = list(calls)
     calls.clear()
@@ -115,7 +115,7 @@ def test_batch_pretrained_equals_one_call_per_prompt(subject_images, tmp_path, a
     split, batched = task(PLAIN), task(FastPaths(batch_pretrained=True))
     batch = split.make_batch(torch.Generator().manual_seed(0), data, 2)
     calls = []
-    handle = base.unet.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    handle = base.denoiser.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
     params = lora + [embedding.rows]
     want = terms_and_grads(split, batch, params)
     n_split = list(calls)
@@ -145,14 +145,14 @@ def test_lora_from_row_equals_peft_mixed_batch_and_separate_calls(subject_images
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 700])
     enc = torch.cat([plain.clean_enc.expand(2, -1, -1), torch.randn(2, 77, 32)])
     with torch.no_grad():
-        base.unet.disable_adapters()
-        off = base.unet(x, t, enc[:2]).sample
-        base.unet.enable_adapters()
-        on = base.unet(x, t, enc[2:]).sample
+        base.denoiser.disable_adapters()
+        off = base.denoiser(x, t, enc[:2]).sample
+        base.denoiser.enable_adapters()
+        on = base.denoiser(x, t, enc[2:]).sample
         with plain.lora_from_row(2):
-            masked = base.unet(x.repeat(2, 1, 1, 1), t.repeat(2), enc).sample
-        handles = _route_adapters(base.unet, ["__base__"] * 2 + ["default"] * 2)
-        routed = base.unet(x.repeat(2, 1, 1, 1), t.repeat(2), enc).sample
+            masked = base.denoiser(x.repeat(2, 1, 1, 1), t.repeat(2), enc).sample
+        handles = _route_adapters(base.denoiser, ["__base__"] * 2 + ["default"] * 2)
+        routed = base.denoiser(x.repeat(2, 1, 1, 1), t.repeat(2), enc).sample
         for h in handles:
             h.remove()
     assert (on - off).abs().max() > 1e-3  # the adapter matters
@@ -202,14 +202,14 @@ def test_native_dtype_is_as_close_to_fp32_as_autocast(subject_images, tmp_path, 
     task, base, embedding, lora, data = setup(subject_images, tmp_path, torch.device(device), precision="bf16",
                                               base_model=base_model)
     params = lora + [embedding.rows]
-    names = [n for n, _ in base.unet.named_parameters()]
+    names = [n for n, _ in base.denoiser.named_parameters()]
     autocast, native = task(FastPaths()), task(FastPaths(native_dtype=True))
     batch = autocast.make_batch(torch.Generator().manual_seed(0), data, 2)
     linears = [d["default"] for layer in native.lora_layers for d in (layer.lora_A, layer.lora_B)]
     masters = [m.weight for m in linears]
     got = terms_and_grads(native, batch, params)
     want = terms_and_grads(autocast, batch, params)
-    assert [n for n, _ in base.unet.named_parameters()] == names  # the masters are registered again
+    assert [n for n, _ in base.denoiser.named_parameters()] == names  # the masters are registered again
     assert all(p.dtype == torch.float32 and isinstance(p, torch.nn.Parameter) for p in lora)
     assert all(m.weight is w and isinstance(w, torch.nn.Parameter) for m, w in zip(linears, masters))
     # fp32 reference: the same weights, upcast
@@ -234,7 +234,7 @@ def test_channels_last_equals_contiguous(subject_images, tmp_path):
     params = lora + [embedding.rows]
     want = terms_and_grads(plain, batch, params)
     cl = task(FastPaths(channels_last=True))
-    assert base.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert base.denoiser.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert_same_step(want, terms_and_grads(cl, batch, params), 1e-4, 1e-6)
 
 

@@ -20,7 +20,7 @@ def adapter(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     config = tiny_config(write_images(root / "cat", 2, seed=0), root / "run")
     base, embedding = trained_looking(config)
-    return export_adapter(root / "adapter", base.unet, embedding, manifest(config, 2))
+    return export_adapter(root / "adapter", base.denoiser, embedding, manifest(config, 2))
 
 
 def run(argv, capsys):
@@ -62,7 +62,7 @@ def test_clip_i_needs_only_the_adapter_folder(tmp_path, capsys):
     photos = write_images(tmp_path / "cat", 2, seed=0)
     config = tiny_config(photos, tmp_path / "run")
     base, embedding, _ = build(config, torch.device("cpu"))
-    adapter = export_adapter(tmp_path / "elsewhere" / "adapter", base.unet, embedding, manifest(config, 2))
+    adapter = export_adapter(tmp_path / "elsewhere" / "adapter", base.denoiser, embedding, manifest(config, 2))
     shutil.rmtree(tmp_path / "cat")  # the training machine's photos are gone; the adapter carries its references
     code, out, err = run([adapter, "--prompt", "A sketch of [V1]", "--seeds", "0", "--steps", "1",
                           "--out", tmp_path / "out"], capsys)

@@ -15,7 +15,7 @@ def test_tiny_directory_loads_back_through_from_pretrained(tmp_path):
     index = json.loads((tmp_path / "tiny" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     built, loaded = load_base("tiny"), load_base(str(tmp_path / "tiny"))
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("denoiser", "vae", "text_encoder"):
         a, b = getattr(built, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     prompt = "An oil painting of a cat sitting on a rock"
@@ -25,7 +25,7 @@ def test_tiny_directory_loads_back_through_from_pretrained(tmp_path):
 
 def test_tiny_is_deterministic():
     a, b = load_base("tiny"), load_base("tiny")
-    assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(a.denoiser.parameters(), b.denoiser.parameters()))
 
 
 def test_a_v_prediction_base_trains_and_its_adapter_says_so(tmp_path, subject_images):
@@ -74,9 +74,9 @@ def test_existing_token_is_refused_as_placeholder():
 
 def test_lora_wraps_exactly_the_attention_projections():
     base = load_base("tiny")
-    params = add_lora(base.unet, rank=4)
+    params = add_lora(base.denoiser, rank=4)
     assert params and all(p.requires_grad and p.dtype == torch.float32 for p in params)
-    wrapped = {n.split(".lora_")[0] for n, _ in base.unet.named_parameters() if "lora_A" in n}
+    wrapped = {n.split(".lora_")[0] for n, _ in base.denoiser.named_parameters() if "lora_A" in n}
     assert all(any(n.endswith(t) for t in LORA_TARGETS) for n in wrapped)
-    attn = [n for n, m in base.unet.named_modules() if n.endswith((".attn1", ".attn2"))]
+    attn = [n for n, m in base.denoiser.named_modules() if n.endswith((".attn1", ".attn2"))]
     assert len(wrapped) == 4 * len(attn)  # q, k, v, out in every self- and cross-attention

@@ -75,7 +75,7 @@ def rig(tmp_path_factory) -> Rig:
             p.add_(0.05 * torch.randn_like(p))
         embedding.rows.add_(0.1 * torch.randn_like(embedding.rows))
     pre = load_base("tiny")  # the pre-trained branch's reference: a base with no adapter and no [V]
-    nets = Nets(base.unet, base.text_encoder, base.tokenizer, pre.unet, pre.text_encoder, pre.tokenizer,
+    nets = Nets(base.denoiser, base.text_encoder, base.tokenizer, pre.denoiser, pre.text_encoder, pre.tokenizer,
                 pre.noise_scheduler.betas)
     data = SubjectLatents(base.vae, [s.images for s in subjects], 32, True, False, DEVICE, torch.float32)
     return Rig(config, base, embedding, lora, PalpModel(base), nets, data)
@@ -169,9 +169,9 @@ def xl_rig(tmp_path_factory) -> Rig:
 
     def pipe(b):
         return StableDiffusionXLPipeline(vae=b.vae, text_encoder=b.text_encoder, text_encoder_2=b.text_encoder_2,
-                                         tokenizer=b.tokenizer, tokenizer_2=b.tokenizer_2, unet=b.unet,
+                                         tokenizer=b.tokenizer, tokenizer_2=b.tokenizer_2, unet=b.denoiser,
                                          scheduler=EulerDiscreteScheduler(**{k: v for k, v in SD1_SCHEDULER.items() if k != "clip_sample"}))
-    nets = Nets(base.unet, None, None, pre.unet, None, None, pre.noise_scheduler.betas, xl=pipe(base), pre_xl=pipe(pre))
+    nets = Nets(base.denoiser, None, None, pre.denoiser, None, None, pre.noise_scheduler.betas, xl=pipe(base), pre_xl=pipe(pre))
     data = SubjectLatents(base.vae, [s.images for s in subjects], 32, True, False, DEVICE, torch.float32)
     return Rig(config, base, embedding, lora, PalpModel(base), nets, data)
 
@@ -234,13 +234,13 @@ def test_align_every_k_weighs_the_term_k_lambda_and_skips_it_between(rig):
     assert [task.aligns_at(s) for s in range(7)] == [True, False, False, True, False, False, True]
     assert [rig.task(alignment="none").aligns_at(s) for s in range(2)] == [False, False]
     check_step(rig, align_every=3, align_weight=0.5)
-    with UNetCalls(rig.base.unet) as rec:
+    with UNetCalls(rig.base.denoiser) as rec:
         check_step(rig, align_every=3, align=False)
     assert len(rec.calls) == 2  # the step's one call and the reference's
 
 
 def test_none_alignment_is_plain_lora_ti(rig):
-    with UNetCalls(rig.base.unet) as rec:
+    with UNetCalls(rig.base.denoiser) as rec:
         check_step(rig, alignment="none")
     assert len(rec.calls) == 2  # the step's one call and the reference's
 
@@ -333,11 +333,11 @@ def test_b_pretrained_branch_ignores_lora_and_placeholders(subject_images, tmp_p
     fresh = load_base("tiny")
     clean = fresh.text_encoder(fresh.family.tokenize(fresh, ["A sketch of cat"], DEVICE))[0]
     with torch.no_grad():
-        reference = fresh.unet(x, t, clean.expand(2, -1, -1)).sample
+        reference = fresh.denoiser(x, t, clean.expand(2, -1, -1)).sample
     for b, a in zip(before, after):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     torch.testing.assert_close(after[1], reference, rtol=1e-5, atol=1e-6)
-    assert adapters_on(base.unet), "the adapter must be re-enabled after the pre-trained call"
+    assert adapters_on(base.denoiser), "the adapter must be re-enabled after the pre-trained call"
 
 
 def test_c_pretrained_branch_sees_no_placeholder(rig):
@@ -347,14 +347,14 @@ def test_c_pretrained_branch_sees_no_placeholder(rig):
     assert (task.prompt_ids >= rig.embedding.first_id).any(dim=1).all()  # while each y_P carries its [V]
     batch = make_batch()
     x_t, eps_pred, enc, x0_hat = personalization_forward(rig, task, batch)
-    with UNetCalls(rig.base.unet) as rec:
+    with UNetCalls(rig.base.denoiser) as rec:
         task.alignment_branch(x0_hat, batch, enc)
     with torch.no_grad():
         clean = rig.nets.pre_text_encoder(ids_of(rig.nets.pre_tokenizer, ["A sketch of cat and mug"]))[0]
     pretrained_calls = [c for c in rec.calls if not c["lora"]]
     assert len(pretrained_calls) == 1  # ∅ and y^c batched (FastPaths.batch_pretrained: on by default on CPU)
     torch.testing.assert_close(pretrained_calls[0]["enc"][2:], clean.expand(2, -1, -1))
-    assert adapters_on(rig.base.unet)
+    assert adapters_on(rig.base.denoiser)
 
 
 @pytest.mark.parametrize("alignment", ["palp", "sds", "nfsd"])
@@ -370,14 +370,14 @@ def test_f_alignment_outputs_have_no_grad_fn(rig, alignment):
 def test_g_only_lora_and_placeholder_rows_change(subject_images, tmp_path):
     task, base, embedding, lora, batch, _ = make_task(subject_images, tmp_path)
     optimizer = make_optimizer(task.config, lora, embedding)
-    modules = {"unet": base.unet, "text_encoder": base.text_encoder, "vae": base.vae}
+    modules = {"unet": base.denoiser, "text_encoder": base.text_encoder, "vae": base.vae}
     before = {f"{m}.{n}": p.detach().clone() for m, mod in modules.items() for n, p in mod.named_parameters()}
     table_before = embedding.base.weight.detach().clone()
     sum(task.training_step(batch).values()).backward()
     optimizer.step()
     changed = {n for m, mod in modules.items() for n_, p in mod.named_parameters()
                for n in [f"{m}.{n_}"] if not torch.equal(p, before[n])}
-    lora_names = {f"unet.{n}" for n, p in base.unet.named_parameters() if "lora_" in n}
+    lora_names = {f"unet.{n}" for n, p in base.denoiser.named_parameters() if "lora_" in n}
     assert changed <= lora_names | {"text_encoder.embeddings.token_embedding.rows"}
     assert "text_encoder.embeddings.token_embedding.rows" in changed
     assert any(n.endswith("lora_B.default.weight") for n in changed)

@@ -116,8 +116,8 @@ def test_judge_scores_prompt_alignment_and_subject_fidelity(judge):
 def test_world_base_loads_like_any_diffusers_model():
     base = load_base("world")
     pipe = StableDiffusionPipeline.from_pretrained(WORLD_DIR)  # the stock loader, from the packaged directory
-    for name in ("unet", "vae", "text_encoder"):
-        ours, stock = getattr(base, name).state_dict(), getattr(pipe, name).state_dict()
+    for name, part in (("unet", "denoiser"), ("vae", "vae"), ("text_encoder", "text_encoder")):
+        ours, stock = getattr(base, part).state_dict(), getattr(pipe, name).state_dict()
         assert ours.keys() == stock.keys() and all(torch.equal(ours[k], stock[k]) for k in ours)
     assert base.noise_scheduler.config.prediction_type == "epsilon"
     assert base.tokenizer("a sketch of a red star on grass").input_ids == \
