@@ -33,9 +33,11 @@ bench: $(STAMP)
 # Mutation testing of the objective (docs/mutation.md): files in pyproject's [tool.mutmut]; the score counts
 # losses.py and the loss code of task.py (the step, its UNet branches, the batch's noise and t), not the
 # CUDA-graph, autocast and FastPaths plumbing. ~30 min on 2 cores.
-MUTATE := 'palp_trainer.losses.*' 'palp_trainer.task.x_tokenize__*' 'palp_trainer.task.x*PalpModel*forward__*' \
-	$(foreach f,make_batch aligns_at training_step loss_terms alignment_branch pretrained folded personalized,\
-	'palp_trainer.task.x*PalpTask*$(f)__*')
+MUTATE := 'palp_trainer.objective.losses.*' \
+	$(foreach f,draw_batch aligns_at as_eps alignment_score,'palp_trainer.objective.task.x_$(f)__*') \
+	'palp_trainer.objective.task.x*PalpModel*forward__*' \
+	$(foreach f,training_step loss_terms alignment_branch pretrained folded personalized,\
+	'palp_trainer.objective.task.x*PalpTask*$(f)__*')
 
 mutation: $(STAMP)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,mutation]'

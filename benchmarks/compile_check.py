@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from palp_trainer.models import add_lora, load_base
+from palp_trainer.families.base import add_lora, load_base
 
 
 def unet_grads(unet, x, t, enc, target, params) -> tuple[torch.Tensor, ...]:

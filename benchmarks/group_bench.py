@@ -1,4 +1,4 @@
-"""A trial group's step against its members' steps alone: the throughput trial groups buy (palp_trainer/group.py).
+"""A trial group's step against its members' steps alone: the throughput trial groups buy (palp_trainer/objective/group.py).
 
     python benchmarks/group_bench.py --tiny                    # CPU: the tiny base, K = 1, 2, 4, 8
     python benchmarks/group_bench.py --groups 1 4 8 16 --json out.json   # GPU: SD-1.5-size random weights, bf16
@@ -22,10 +22,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.step_bench import RandomLatents, bench_config, loop_step, random_base, sync  # noqa: E402
-from palp_trainer import loop, models  # noqa: E402
-from palp_trainer.group import GroupModel, GroupTask, group_step, make_group_optimizer  # noqa: E402
-from palp_trainer.models import add_lora, add_placeholders  # noqa: E402
-from palp_trainer.task import PalpModel, PalpTask  # noqa: E402
+from palp_trainer.families import base as models  # noqa: E402
+from palp_trainer.families.base import add_lora, add_placeholders  # noqa: E402
+from palp_trainer.loops import solo as loop  # noqa: E402
+from palp_trainer.objective.group import GroupModel, GroupTask, group_step, make_group_optimizer  # noqa: E402
+from palp_trainer.objective.task import PalpModel, PalpTask  # noqa: E402
 
 
 def timed(step, steps: int, repeats: int, device) -> float:

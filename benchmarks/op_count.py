@@ -13,8 +13,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.step_bench import RandomLatents, bench_config, loop_step, random_base
-from palp_trainer import loop, models
-from palp_trainer.task import FastPaths, PalpModel, PalpTask
+from palp_trainer.families import base as models
+from palp_trainer.loops import solo as loop
+from palp_trainer.objective.task import FastPaths, PalpModel, PalpTask
 
 CPU = torch.device("cpu")
 

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from palp_trainer.world import render as world
 from palp_trainer.config import EvalConfig, SubjectSpec, TrainConfig
 from palp_trainer.data import read_image
-from palp_trainer.sampling import generate, pipeline_from
+from palp_trainer.evaluation.clip import replace_placeholders
+from palp_trainer.families.base import load_base
+from palp_trainer.loops.solo import train_loop
+from palp_trainer.sampling.pipeline import generate, pipeline_from
+from palp_trainer.world import render as world
 from palp_trainer.world.judge import HEADS, WorldJudge, _blur
-from palp_trainer.loop import train_loop
-from palp_trainer.models import load_base
-from palp_trainer.scoring import replace_placeholders
 from palp_trainer.world.pretrain import vae_roundtrip
 
 RESULTS = Path(__file__).parent / "results"

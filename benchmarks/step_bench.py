@@ -37,13 +37,14 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from palp_trainer import loop, models
 from palp_trainer.config import TINY_RESOLUTION, EvalConfig, SubjectSpec, TrainConfig
 from palp_trainer.data import SubjectLatents
-from palp_trainer.family import SDXL
-from palp_trainer.models import Base, load_base
-from palp_trainer.task import FastPaths, PalpModel, PalpTask
-from palp_trainer.tiny import SD1_SCHEDULER, build_tokenizer
+from palp_trainer.families import base as models
+from palp_trainer.families.base import Base, load_base
+from palp_trainer.families.sd import SDXL
+from palp_trainer.families.tiny import SD1_SCHEDULER, build_tokenizer
+from palp_trainer.loops import solo as loop
+from palp_trainer.objective.task import FastPaths, PalpModel, PalpTask
 
 # SD-1.5's unet/config.json (the diffusers defaults, with CLIP-L's 768-d cross-attention)
 SD15_UNET = dict(
@@ -310,7 +311,7 @@ def subject_images(directory: Path, n: int, size: int) -> tuple[str, ...]:
 
 def time_to_adapter(args, device: torch.device, work: Path) -> dict:
     """`loop.train_loop` end to end at default settings (bf16 on GPU), evaluated at steps/2 and steps."""
-    from palp_trainer import evaluate
+    from palp_trainer.evaluation import milestone as evaluate
     size = TINY_RESOLUTION if args.tiny else 512
     images = subject_images(work / "images", 4, size)
     eval_config = EvalConfig(clip_model="tiny", cuda_graphs=args.eval_cuda_graphs,

@@ -8,7 +8,7 @@ checkpoints, ASHA decisions, export, tracking).
     python benchmarks/sweep_bench.py recipes/art_inspired.yaml --trials 8 --steps 500   # on GPUs
 
 It runs a real sweep (local Ray, sqlite MLflow, in a temporary folder) and reads the phases each trial logged to
-its MLflow run (`time/*`, palp_trainer/stopwatch.py; `time/trial_start_unix` from orchestrator/trial.py).
+its MLflow run (`time/*`, palp_trainer/loops/stopwatch.py; `time/trial_start_unix` from orchestrator/trial.py).
 Headline: overhead fraction = 1 - (sum of step time + evaluation time) / (sweep wall time x concurrent trials).
 In a trial group the members share their steps: the group's step and evaluation time count once, `--concurrent`
 counts groups, and throughput (trials finished per hour) is the figure to compare with one trial per group.

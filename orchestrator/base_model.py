@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from palp_trainer.config import PREDICTIONS, SMALL_BASES
-from palp_trainer.family import BUILT_IN, FAMILIES
+from palp_trainer.families.sd import BUILT_IN, FAMILIES
 from palp_trainer.storage import is_remote
 
 from .recipe import RecipeError

@@ -25,7 +25,7 @@ from .recipe import slugify
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 _TRACKED = ("models:/", "runs:/")  # URIs the tracking store resolves
-_TINY_TEXT_HIDDEN = 32  # palp_trainer.tiny's text encoder; real SD text encoders are 768 or 1024 wide
+_TINY_TEXT_HIDDEN = 32  # palp_trainer.families.tiny's text encoder; real SD text encoders are 768 or 1024 wide
 
 
 def _count(text: str) -> int:
@@ -96,7 +96,7 @@ def _adapter_dir(source: str) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from palp_trainer.export import MANIFEST_FILE
+    from palp_trainer.export.adapter import MANIFEST_FILE
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
     except (MlflowException, OSError) as e:
@@ -108,7 +108,7 @@ def _adapter_dir(source: str) -> Path:
 
 
 def _default_clip(base_model: str) -> str:
-    """'tiny' for the built-in tiny base (in code, or a folder written by `python -m palp_trainer.tiny`):
+    """'tiny' for the built-in tiny base (in code, or a folder written by `python -m palp_trainer.families.tiny`):
     scoring its 32 px toys needs no real CLIP download."""
     config = Path(base_model) / "text_encoder" / "config.json"
     if base_model == "tiny":
@@ -185,11 +185,11 @@ def _run(args) -> int:
     _tracking(args.source, args.tracking_uri)
 
     # diffusers' pipelines load in seconds: only after the command line is known to be good
-    from palp_trainer.sampling import pipeline_from
-    from palp_trainer.export import load_adapter, read_manifest
-    from palp_trainer.guidance import alignit_prompts, sample
-    from palp_trainer.scorers import scorer_kind
-    from palp_trainer.scoring import placeholders_in, replace_placeholders
+    from palp_trainer.sampling.pipeline import pipeline_from
+    from palp_trainer.export.adapter import load_adapter, read_manifest
+    from palp_trainer.sampling.guidance import alignit_prompts, sample
+    from palp_trainer.evaluation.scorers import scorer_kind
+    from palp_trainer.evaluation.clip import placeholders_in, replace_placeholders
 
     adapter = _adapter_dir(args.source)
     manifest = read_manifest(adapter)  # AdapterError: one line naming the file and key
@@ -202,7 +202,7 @@ def _run(args) -> int:
     scorer, refs, why = None, None, "--no-score"
     if not args.no_score:
         refs, why = _references(adapter, manifest, used)
-    # the base's scorer (palp_trainer.scorers), CLIP where --clip-model names one
+    # the base's scorer (palp_trainer.evaluation.scorers), CLIP where --clip-model names one
     kind = scorer_kind("clip" if args.clip_model else base_defaults(manifest["base_model"]).scorer)
     if refs and kind.needs_references:  # the judge reads the subjects off their references: none, nothing to score
         scorer = kind.load(None, None, args.device)

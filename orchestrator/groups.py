@@ -153,7 +153,7 @@ class GroupRunner:
 
 def train_group_worker(config: dict) -> None:
     """Each worker of a group's TorchTrainer: the group loop, with rank 0's messages to the members' trials."""
-    from palp_trainer.group_loop import train_group
+    from palp_trainer.loops.group import train_group
 
     coordinator = ray.get_actor(config["coordinator"], namespace=NAMESPACE)
 

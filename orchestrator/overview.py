@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from PIL import Image
 
-from palp_trainer.scorers import metric_names
+from palp_trainer.evaluation.scorers import metric_names
 
 from .labels import md_escape, run_name, short_id
 from .model_card import run_link

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field, fields, make_dataclass, replace
 
 from palp_trainer.config import EvalConfig, TrainConfig, base_defaults, check_knob, group_refusal, knobs_where
-from palp_trainer.scorers import score_names
+from palp_trainer.evaluation.scorers import score_names
 
 PLACEHOLDER = re.compile(r"\[[^\[\]\s]+\]")  # "[V1]", "[sks]": brackets, no spaces
 DIM_KINDS = ("fixed", "grid", "choice", "uniform", "loguniform")
@@ -162,7 +162,7 @@ class Resources:
     checkpoints_to_keep: int | None = 2  # per trial; None keeps all
     placement: str = "pack"  # one of PLACEMENTS
     # up to this many trials of one pair that differ only in α, β, λ, lr or embedding_lr train in one worker group
-    # and one step, each still its own Tune trial and MLflow run (palp_trainer/group.py; benchmarks/RESULTS.md)
+    # and one step, each still its own Tune trial and MLflow run (palp_trainer/objective/group.py; benchmarks/RESULTS.md)
     trials_per_group: int = 1
 
     def __post_init__(self):

@@ -9,9 +9,9 @@ from mlflow import MlflowClient
 from mlflow.models import Model
 
 import palp_trainer
-from palp_trainer import pyfunc_model
-from palp_trainer.export import read_manifest
-from palp_trainer.scorers import metric_names
+from palp_trainer.evaluation.scorers import metric_names
+from palp_trainer.export import pyfunc_model
+from palp_trainer.export.adapter import read_manifest
 
 from . import model_card
 from .recipe import slugify

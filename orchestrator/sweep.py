@@ -21,8 +21,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from palp_trainer import storage as store
 from palp_trainer.config import SMALL_BASES
-from palp_trainer.worker import DECISIONS, decision_key
-from palp_trainer.scorers import metric_names
+from palp_trainer.evaluation.scorers import metric_names
+from palp_trainer.loops.worker import DECISIONS, decision_key
 from palp_trainer.storage import is_remote, join
 
 from . import overview

@@ -22,7 +22,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from palp_trainer.scorers import metric_names
+from palp_trainer.evaluation.scorers import metric_names
 
 from .labels import run_name
 from .recipe import Recipe, RecipeError
@@ -262,7 +262,7 @@ def end_run(client: MlflowClient, run_id: str, status: str, note: str | None = N
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
     if note:  # replaces an earlier why-it-ended note (a stop can follow a lost actor), keeps the samples
-        from palp_trainer.runlog import SAMPLES_NOTE
+        from palp_trainer.loops.runlog import SAMPLES_NOTE
         current = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
         samples = current[current.index(SAMPLES_NOTE):] if SAMPLES_NOTE in current else ""
         client.set_tag(run_id, "mlflow.note.content", note + (f"\n\n{samples}" if samples else ""))

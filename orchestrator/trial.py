@@ -49,7 +49,7 @@ def run_config(recipe: Recipe, storage_path: str, name: str, callbacks=()) -> ra
 def train_worker(config: dict) -> None:
     """Each Ray Train worker's entry point. The trainer (diffusers, transformers, peft: ~5 s of imports on 2 cores)
     is imported here, in the workers, not in the Tune trial actor or the Train controller that only start them."""
-    from palp_trainer.loop import train_loop
+    from palp_trainer.loops.solo import train_loop
 
     train_loop(config)
 

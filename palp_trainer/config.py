@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, fields
 
 TINY_RESOLUTION = 32  # px of the built-in tiny and world bases (their VAEs downsample 2x: latents [4, 16, 16])
 SMALL_BASES = ("tiny", "world", "tiny_xl")  # built-in CPU-sized bases: 32 px, fp32 by default
-SCORERS = ("clip", "world")  # what eval.scorer may name: palp_trainer/scorers.py implements each
+SCORERS = ("clip", "world")  # what eval.scorer may name: palp_trainer/evaluation/scorers.py implements each
 ALIGNMENTS = ("palp", "sds", "nfsd", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SAMPLERS = ("ddim", "dpm")
@@ -352,7 +352,7 @@ def group_refusal(precision: str) -> str | None:
 
 
 def group_key(config: TrainConfig) -> str:
-    """Trials with equal keys can share a trial group (palp_trainer/group.py): the config without GROUP_KNOBS and
+    """Trials with equal keys can share a trial group (palp_trainer/objective/group.py): the config without GROUP_KNOBS and
     the per-trial fields."""
     leave_out = GROUP_KNOBS + knobs_where("per_trial")
     return repr(sorted((k, v) for k, v in config.to_dict().items() if k not in leave_out))

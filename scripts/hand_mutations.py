@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LOSSES, TASK, GROUP = "palp_trainer/losses.py", "palp_trainer/task.py", "palp_trainer/group.py"
+LOSSES, TASK, GROUP = (f"palp_trainer/objective/{m}.py" for m in ("losses", "task", "group"))
 OBJECTIVE, GROUP_TESTS = "tests/test_objective.py", "tests/test_group.py"
 
 # (name, file, original text, mutated text, the tests that must fail): the original must occur exactly once
@@ -34,7 +34,7 @@ MUTATIONS = [
      "weight = weight * ((t >= cfg.align_t_range[0]) & (t < cfg.align_t_range[1]))", "pass", OBJECTIVE),
     ("denoising loss targets the alignment noise (same_noise off)", TASK,
      "if self.v_prediction else eps\n", "if self.v_prediction else eps_align\n", OBJECTIVE),
-    # the group step (palp_trainer/group.py): a member must see only its own knobs, rows and LoRA
+    # the group step (palp_trainer/objective/group.py): a member must see only its own knobs, rows and LoRA
     ("group: every member reads the first member's α and β", GROUP,
      "getattr(self.configs[m], knob) for m in self.active]", "getattr(self.configs[self.active[0]], knob) for m in "
      "self.active]", GROUP_TESTS),

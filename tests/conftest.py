@@ -46,9 +46,9 @@ def tiny_config(images, output_dir, **overrides) -> TrainConfig:
 def untrained_adapter(root) -> Path:
     """The tiny base's adapter of one subject (cat, [V1], 2 photos) exported as at step 2, untrained (lora_B = 0),
     in root/adapter."""
-    from palp_trainer.export import export_adapter
-    from palp_trainer.export import manifest
-    from palp_trainer.models import build
+    from palp_trainer.export.adapter import export_adapter
+    from palp_trainer.export.adapter import manifest
+    from palp_trainer.families.base import build
 
     config = tiny_config(write_images(root / "cat", 2, seed=0), root / "run")
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def untrained_adapter(root) -> Path:
 def trained_looking(config: TrainConfig):
     """The trainer's modules for `config` (models.build) with large random LoRA and placeholder rows: an adapter
     that changes the samples, in no time (gaussian init leaves lora_B = 0). Returns (base, embedding)."""
-    from palp_trainer.models import build
+    from palp_trainer.families.base import build
 
     torch.manual_seed(0)
     base, embedding, lora = build(config, torch.device("cpu"))

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from palp_trainer import losses
+from palp_trainer.objective import losses
 
 _SCALE = "_palp_magnitude"  # the elementwise magnitude a tensor is computed from, set on the result
 

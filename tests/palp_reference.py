@@ -1,7 +1,7 @@
 """An independent reference of the PALP training objective, written from the paper for the tests.
 
 Equation numbers are Arar et al. 2024 (shared/papers/palp.md; summary in shared/papers/README.md). Nothing here
-imports palp_trainer.losses or palp_trainer.task: the schedule, the noising, x̂_0, guidance, the scores, the
+imports palp_trainer.objective.losses or palp_trainer.objective.task: the schedule, the noising, x̂_0, guidance, the scores, the
 timestep weight and the gradients are all written out again. Only the networks are shared: the personalized
 branch runs the trainer's own UNet (LoRA on) and text encoder ([V] rows), and the pre-trained branch runs a
 separately built base model that has no adapter and no placeholder at all.
@@ -74,7 +74,7 @@ class Nets:
     betas: torch.Tensor
     prediction: str = "epsilon"  # what both UNets predict: "epsilon" or "v_prediction"
     # SDXL: stock StableDiffusionXLPipelines around the same networks (personalized, pre-trained); their own
-    # encode_prompt and _get_add_time_ids build the conditioning, not palp_trainer.family
+    # encode_prompt and _get_add_time_ids build the conditioning, not palp_trainer.families.sd
     xl: object = None
     pre_xl: object = None
     resolution: int = 32

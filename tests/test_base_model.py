@@ -8,7 +8,7 @@ from huggingface_hub import constants
 
 from orchestrator.base_model import check_base
 from orchestrator.recipe import RecipeError
-from palp_trainer.tiny import main as tiny_main
+from palp_trainer.families.tiny import main as tiny_main
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks import step_bench
-from palp_trainer.task import FastPaths
+from palp_trainer.objective.task import FastPaths
 
 
 def test_tiny_bench_reports_every_run_and_time_to_adapter(tmp_path):

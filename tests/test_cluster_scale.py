@@ -19,9 +19,9 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from palp_trainer import storage
-from palp_trainer.loop import train_loop
+from palp_trainer.loops.solo import train_loop
 from tests.cluster_env import BIN, MlflowServer, RayCluster, S3Server, ray_env
-from palp_trainer.tiny import main as tiny_main
+from palp_trainer.families.tiny import main as tiny_main
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.cluster

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from palp_trainer.data import DataError, SubjectLatents, list_images, load_image, read_image
-from palp_trainer.evaluate import reference_images
-from palp_trainer.models import load_base
+from palp_trainer.evaluation.milestone import reference_images
+from palp_trainer.families.base import load_base
 from tests.conftest import tiny_config, write_bad_image, write_images
 
 

@@ -7,7 +7,7 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
 
-from palp_trainer.loop import train_loop
+from palp_trainer.loops.solo import train_loop
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from palp_trainer.config import EvalConfig
-from palp_trainer.evaluate import evaluate_adapter
-from palp_trainer.sampling import generate, pipeline_from, save_grid
-from palp_trainer.models import build
+from palp_trainer.evaluation.milestone import evaluate_adapter
+from palp_trainer.families.base import build
+from palp_trainer.sampling.pipeline import generate, pipeline_from, save_grid
 from tests.conftest import tiny_config
 
 

@@ -12,13 +12,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from palp_trainer.evaluate import reference_images
-from palp_trainer.sampling import pipeline_from
-from palp_trainer.export import AdapterError, export_adapter, load_adapter, load_into_pipeline, read_manifest
-from palp_trainer.export import manifest
-from palp_trainer.loop import train_loop
-from palp_trainer.models import build
-from palp_trainer.tiny import save_tiny
+from palp_trainer.evaluation.milestone import reference_images
+from palp_trainer.export.adapter import AdapterError, export_adapter, load_adapter, load_into_pipeline, read_manifest
+from palp_trainer.export.adapter import manifest
+from palp_trainer.families.base import build
+from palp_trainer.families.tiny import save_tiny
+from palp_trainer.loops.solo import train_loop
+from palp_trainer.sampling.pipeline import pipeline_from
 from tests.conftest import tiny_config
 
 PROMPT = "A sketch of [V1] and [V2]"

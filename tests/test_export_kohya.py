@@ -29,12 +29,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from palp_trainer.config import SubjectSpec
-from palp_trainer.export import export_adapter, load_into_pipeline, read_manifest
-from palp_trainer.export_kohya import kohya_state_dict, lora_name, trigger_words
-from palp_trainer.export import manifest
-from palp_trainer.models import add_lora
-from palp_trainer.tiny import build_tiny, save_tiny
-from palp_trainer.tiny_xl import save_tiny_xl
+from palp_trainer.export.adapter import export_adapter, load_into_pipeline, read_manifest
+from palp_trainer.export.adapter import manifest
+from palp_trainer.export.kohya import kohya_state_dict, lora_name, trigger_words
+from palp_trainer.families.base import add_lora
+from palp_trainer.families.tiny import build_tiny, save_tiny
+from palp_trainer.families.tiny_xl import save_tiny_xl
 from tests.conftest import tiny_config, trained_looking, write_images
 
 RANK, LORA_ALPHA = 4, 8.0  # scale 2: a loader that ignored .alpha (scale 1) would draw other images

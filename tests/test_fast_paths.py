@@ -7,11 +7,11 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from palp_trainer import losses
 from palp_trainer.data import SubjectLatents
-from palp_trainer.loop import make_optimizer, train_step
-from palp_trainer.models import build
-from palp_trainer.task import FastPaths, PalpModel, PalpTask
+from palp_trainer.families.base import build
+from palp_trainer.loops.solo import make_optimizer, train_step
+from palp_trainer.objective import losses
+from palp_trainer.objective.task import FastPaths, PalpModel, PalpTask
 from tests.conftest import tiny_config
 from tests.numerics import ALIGN_TOL, AlignScale
 

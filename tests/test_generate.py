@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from orchestrator.generate import main
-from palp_trainer.export import export_adapter
-from palp_trainer.export import manifest
-from palp_trainer.models import build
+from palp_trainer.export.adapter import export_adapter
+from palp_trainer.export.adapter import manifest
+from palp_trainer.families.base import build
 from tests.conftest import tiny_config, trained_looking, write_images
 
 
@@ -155,9 +155,9 @@ def test_palp_sweep_generate_dispatches_here(tmp_path, capsys):
 
 @pytest.mark.parametrize("n, shape", [(8, (2, 4)), (6, (2, 3)), (9, (3, 3)), (3, (1, 3)), (7, (3, 3))])
 def test_sample_grid_has_no_empty_cell_when_it_can(tmp_path, n, shape):
-    """palp_trainer.sampling.save_grid, the milestone grid (`eval.num_images: 8` in the demo): 8 images are 2 x 4,
+    """palp_trainer.sampling.pipeline.save_grid, the milestone grid (`eval.num_images: 8` in the demo): 8 images are 2 x 4,
     not 3 x 3 with a black cell; only a count with no near-square factors (7) leaves cells empty."""
-    from palp_trainer.sampling import save_grid
+    from palp_trainer.sampling.pipeline import save_grid
     images = [Image.new("RGB", (8, 8), (255, 20 * i, 0)) for i in range(n)]
     grid = np.asarray(Image.open(save_grid(images, tmp_path / "grid.png")).convert("RGB"))
     rows, cols = shape

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from palp_trainer.config import EvalConfig
-from palp_trainer.loop import train_loop
+from palp_trainer.loops.solo import train_loop
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.gpu,

@@ -1,4 +1,4 @@
-"""Trial groups: a member trains exactly as its trial alone (palp_trainer/group.py)."""
+"""Trial groups: a member trains exactly as its trial alone (palp_trainer/objective/group.py)."""
 
 import math
 from dataclasses import replace
@@ -7,14 +7,14 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from palp_trainer.data import SubjectLatents
 from palp_trainer.config import TrainConfig, group_key
-from palp_trainer.group import GroupModel, GroupTask, group_step, make_group_optimizer, member_configs
-from palp_trainer.group_loop import load_group_checkpoint, restore, save_group_checkpoint
-from palp_trainer.loop import make_optimizer, train_step
-from palp_trainer.models import build
-from palp_trainer.task import FastPaths, PalpModel, PalpTask
-from palp_trainer.tiny import SD1_SCHEDULER
+from palp_trainer.data import SubjectLatents
+from palp_trainer.families.base import build
+from palp_trainer.families.tiny import SD1_SCHEDULER
+from palp_trainer.loops.group import load_group_checkpoint, restore, save_group_checkpoint
+from palp_trainer.loops.solo import make_optimizer, train_step
+from palp_trainer.objective.group import GroupModel, GroupTask, group_step, make_group_optimizer, member_configs
+from palp_trainer.objective.task import FastPaths, PalpModel, PalpTask
 from tests.conftest import tiny_config
 from tests.numerics import ALIGN_TOL, AlignScale
 

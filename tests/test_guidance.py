@@ -6,9 +6,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from palp_trainer.config import SubjectSpec
-from palp_trainer.sampling import generate, pipeline_from
 from palp_trainer.config import parse_methods
-from palp_trainer.guidance import AlignITProcessor, alignit, alignit_prompts, lora_row_scale, sample
+from palp_trainer.sampling.guidance import AlignITProcessor, alignit, alignit_prompts, lora_row_scale, sample
+from palp_trainer.sampling.pipeline import generate, pipeline_from
 
 from tests.conftest import tiny_config, trained_looking
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.generate import main as generate_main
-from palp_trainer.tiny_xl import save_tiny_xl
+from palp_trainer.families.tiny_xl import save_tiny_xl
 
 from .ray_procs import session_processes, stop_session
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from palp_trainer.export import read_manifest
-from palp_trainer.loop import NonFiniteLoss, train_loop
+from palp_trainer.export.adapter import read_manifest
+from palp_trainer.loops.solo import NonFiniteLoss, train_loop
 from tests.conftest import tiny_config
 
 
@@ -138,8 +138,8 @@ def test_checkpoints_load_without_running_pickled_code(subject_images, tmp_path)
 
 
 def test_out_of_memory_fails_with_what_to_lower(subject_images, tmp_path, monkeypatch):
-    from palp_trainer.worker import TrialOutOfMemory
-    from palp_trainer.task import PalpTask
+    from palp_trainer.loops.worker import TrialOutOfMemory
+    from palp_trainer.objective.task import PalpTask
 
     def oom(*args, **kwargs):  # what CUDA raises when an allocation fails
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -156,7 +156,7 @@ def test_runlog_after_a_restart_skips_the_steps_the_run_already_holds(tmp_path):
     """Also after a restart from step 0 (the worker died before its first checkpoint was committed)."""
     from mlflow import MlflowClient
 
-    from palp_trainer.runlog import RunLog
+    from palp_trainer.loops.runlog import RunLog
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

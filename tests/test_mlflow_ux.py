@@ -14,8 +14,8 @@ from orchestrator.labels import md_escape, md_plain, run_name, short_id, trial_l
 from orchestrator.recipe import Prompt, Subject
 from orchestrator.recipe_yaml import load_recipe
 from orchestrator.tracking import VIEW_TAG, Tracking, browse_lines, end_run, runs_view, source_tags
-from palp_trainer.pyfunc_model import DEFAULT_PARAMS, model_config, sampling_defaults, signature
-from palp_trainer.runlog import RunLog, upscaled
+from palp_trainer.export.pyfunc_model import DEFAULT_PARAMS, model_config, sampling_defaults, signature
+from palp_trainer.loops.runlog import RunLog, upscaled
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml")
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from palp_trainer.models import LORA_TARGETS, add_lora, add_placeholders, load_base
-from palp_trainer.tiny import main as tiny_main
+from palp_trainer.families.base import LORA_TARGETS, add_lora, add_placeholders, load_base
+from palp_trainer.families.tiny import main as tiny_main
 
 
 def test_tiny_directory_loads_back_through_from_pretrained(tmp_path):
@@ -32,8 +32,8 @@ def test_a_v_prediction_base_trains_and_its_adapter_says_so(tmp_path, subject_im
     """A diffusers folder whose scheduler predicts v (SD-2.x 768) loads through from_pretrained, trains (the step's
     terms against the paper: tests/test_objective.py), samples with a v-configured scheduler and exports with
     its prediction type named; an x_0-predicting one is refused, naming the field."""
-    from palp_trainer.sampling import pipeline_from
-    from palp_trainer.loop import train_loop
+    from palp_trainer.sampling.pipeline import pipeline_from
+    from palp_trainer.loops.solo import train_loop
     from tests.conftest import tiny_config
 
     tiny_main([str(tmp_path / "v")])

@@ -91,7 +91,7 @@ def test_pull_writes_only_the_adapter_folder(store, tmp_path, capsys):
     pulled = {p.relative_to(target).as_posix() for p in target.rglob("*")}
     assert pulled == {p.relative_to(store["adapter"]).as_posix() for p in store["adapter"].rglob("*")}
     assert ADAPTER_FILES <= pulled and not {"MLmodel", "python_env.yaml", "requirements.txt", "code"} & pulled
-    from palp_trainer.export import read_manifest
+    from palp_trainer.export.adapter import read_manifest
     assert read_manifest(target)["tokens"] == ["[V1]"]
 
 

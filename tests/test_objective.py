@@ -1,7 +1,7 @@
 """The PALP objective (Sec. 4) on the tiny model: the trainer's step against an independent reference.
 
 tests/palp_reference.py writes the objective out again from the paper (its own ᾱ_t, noising, x̂_0, guidance,
-scores and Eq. 7 gradient; no palp_trainer.losses). Every test here compares `PalpTask.training_step`'s loss
+scores and Eq. 7 gradient; no palp_trainer.objective.losses). Every test here compares `PalpTask.training_step`'s loss
 values and their gradients on the LoRA and the [V] rows with it, in fp32, to RTOL of the largest gradient
 entry, for each objective option of TrainConfig. docs/mutation.md lists the mutations these tests kill.
 """
@@ -13,14 +13,14 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from palp_trainer import losses
 from palp_trainer.config import SubjectSpec
 from palp_trainer.data import SubjectLatents
-from palp_trainer.loop import make_optimizer
-from palp_trainer.models import build
-from palp_trainer.models import load_base
-from palp_trainer.task import NFSD_NEGATIVE, FastPaths, PalpModel, PalpTask
-from palp_trainer.tiny import SD1_SCHEDULER
+from palp_trainer.families.base import build
+from palp_trainer.families.base import load_base
+from palp_trainer.families.tiny import SD1_SCHEDULER
+from palp_trainer.loops.solo import make_optimizer
+from palp_trainer.objective import losses
+from palp_trainer.objective.task import NFSD_NEGATIVE, FastPaths, PalpModel, PalpTask
 from tests.conftest import tiny_config, write_images
 from tests.numerics import ALIGN_TOL, AlignScale
 from tests.palp_reference import Nets, ids_of, noise, reference_step, x0_estimate

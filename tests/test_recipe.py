@@ -12,7 +12,7 @@ from orchestrator.recipe_yaml import apply_override, load_recipe
 from orchestrator.search_space import expand_trials, grid_points, hparams_of, param_space, train_config
 from palp_trainer.config import (ALIGNMENT_ONLY, GROUP_KNOBS, KNOBS, TINY_RESOLUTION, SubjectSpec, TrainConfig,
                                  knobs_where)
-from palp_trainer.scorers import metric_names
+from palp_trainer.evaluation.scorers import metric_names
 from tests.conftest import write_images
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from palp_trainer.export import MANIFEST_FILE, read_manifest
+from palp_trainer.export.adapter import MANIFEST_FILE, read_manifest
 from tests.cluster_env import MlflowServer, S3Server, ray_env
 from tests.ray_procs import stop_session
 

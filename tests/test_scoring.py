@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from palp_trainer.scoring import (CLIP_MEAN, CLIP_STD, COMPOSITE_EPS, SCORE_CONVENTION, Scorer, composite,
+from palp_trainer.evaluation.clip import (CLIP_MEAN, CLIP_STD, COMPOSITE_EPS, SCORE_CONVENTION, Scorer, composite,
                                   placeholders_in, replace_placeholders)
 
 
@@ -178,7 +178,7 @@ def test_each_scorer_kind_reports_its_two_axes_and_the_composite():
     """scorers.py: the one place a scorer is chosen; each kind's axes are among the scores it reports."""
     from palp_trainer.config import SCORERS as NAMES
     from palp_trainer.config import EvalConfig
-    from palp_trainer.scorers import SCORERS, metric_names, score_names
+    from palp_trainer.evaluation.scorers import SCORERS, metric_names, score_names
 
     assert tuple(SCORERS) == NAMES
     for name in NAMES:

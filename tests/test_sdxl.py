@@ -7,12 +7,12 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-from palp_trainer.sampling import pipeline_from
-from palp_trainer.export import load_adapter, load_into_pipeline, read_manifest
 from palp_trainer.config import METHODS
-from palp_trainer.guidance import alignit_prompts_for, sample
-from palp_trainer.loop import train_loop
-from palp_trainer.tiny_xl import save_tiny_xl
+from palp_trainer.export.adapter import load_adapter, load_into_pipeline, read_manifest
+from palp_trainer.families.tiny_xl import save_tiny_xl
+from palp_trainer.loops.solo import train_loop
+from palp_trainer.sampling.guidance import alignit_prompts_for, sample
+from palp_trainer.sampling.pipeline import pipeline_from
 from tests.conftest import tiny_config
 
 PROMPT = "A sketch of [V1] and [V2]"

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from benchmarks.sweep_bench import PHASES, bench_overrides, trial_times
-from palp_trainer.stopwatch import Stopwatch
+from palp_trainer.loops.stopwatch import Stopwatch
 
 
 def test_phases_add_up_and_name_the_loop_times():

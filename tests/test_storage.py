@@ -12,7 +12,7 @@ from orchestrator.recipe_yaml import load_recipe
 from orchestrator.tracking import TrackingError
 from orchestrator.trial import trial_output_dir, trial_output_uri
 from palp_trainer import storage
-from palp_trainer.worker import localized
+from palp_trainer.loops.worker import localized
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_subject_photos_are_staged_under_their_content(tmp_path):
 
 
 def test_a_local_base_folder_is_staged_once(tmp_path):
-    from palp_trainer.tiny import main as tiny_main
+    from palp_trainer.families.tiny import main as tiny_main
     assert tiny_main([str(tmp_path / "tiny")]) == 0
     recipe = load_recipe(ROOT / "recipes/smoke.yaml", (f"base_model={tmp_path / 'tiny'}", "resolution=32",
                                                        "precision=fp32"))

@@ -230,8 +230,8 @@ def test_registry_version_alias_and_pyfunc(sweep, tmp_path):
 
     # the trainer's own generation path on the same adapter and seed
     assert models_main(["--tracking-uri", sweep["uri"], "pull", f"{model.name}@champion", str(tmp_path / "pulled")]) == 0
-    from palp_trainer.sampling import generate, pipeline_from
-    from palp_trainer.export import load_adapter
+    from palp_trainer.sampling.pipeline import generate, pipeline_from
+    from palp_trainer.export.adapter import load_adapter
     base, manifest = load_adapter(tmp_path / "pulled")
     for file in (manifest["kohya_lora"], *manifest["a1111_embeddings"].values(),
                  *(r["file"] for r in manifest["subjects"][0]["images"])):  # registered with the model
@@ -240,7 +240,7 @@ def test_registry_version_alias_and_pyfunc(sweep, tmp_path):
     assert np.array_equal(got, np.asarray(want))
     # by default the version's best method, as the trainer's own sampler runs it
     from palp_trainer.config import method_of
-    from palp_trainer.guidance import sample
+    from palp_trainer.sampling.guidance import sample
     [png] = loaded.predict(["A sketch of [V1]"], params={"seed": 3, "steps": 4, "guidance_scale": 5.0})
     method, options = method_of(best_method)
     [want] = sample(pipeline_from(base), "A sketch of [V1]", method, seeds=(3,), steps=4, guidance_scale=5.0,
@@ -249,8 +249,8 @@ def test_registry_version_alias_and_pyfunc(sweep, tmp_path):
 
     # the pulled files load into a stock pipeline
     from diffusers import StableDiffusionPipeline
-    from palp_trainer.export import load_into_pipeline
-    from palp_trainer.tiny import build_tiny
+    from palp_trainer.export.adapter import load_into_pipeline
+    from palp_trainer.families.tiny import build_tiny
     stock = StableDiffusionPipeline(**build_tiny(), safety_checker=None, feature_extractor=None,
                                     requires_safety_checker=False)
     assert load_into_pipeline(stock, tmp_path / "pulled")["placeholders"] == {"[V1]": "cat"}

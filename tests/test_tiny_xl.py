@@ -8,7 +8,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from orchestrator.base_model import check_base
 from palp_trainer.config import base_defaults
-from palp_trainer.tiny_xl import main as tiny_xl_main
+from palp_trainer.families.tiny_xl import main as tiny_xl_main
 
 
 def test_tiny_sdxl_round_trips_through_the_stock_pipeline(tmp_path):

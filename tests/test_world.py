@@ -5,9 +5,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from palp_trainer.families.base import WORLD_DIR, load_base
 from palp_trainer.world import render as world
 from palp_trainer.world.judge import HEADS, WorldJudge, parse_prompt
-from palp_trainer.models import WORLD_DIR, load_base
 from palp_trainer.world.pretrain import MAX_LENGTH, build_components, vae_roundtrip
 
 A = world.Attrs

@@ -156,7 +156,7 @@ class WorldJudge:
     def score(self, images, prompt: str, subjects: list[tuple[str, str]], references: list[list],
               weight_text: float = 1.0, weight_image: float = 1.0) -> dict:
         """`prompt` may hold placeholders; `subjects[k]` = (token, class word) with reference images `references[k]`."""
-        from ..scoring import composite
+        from ..evaluation.clip import composite
         if len(images) == 0:
             raise ValueError("score: no images to score")
         p = self.probs(images)
@@ -187,7 +187,7 @@ def parse_prompt(prompt: str, subjects: list[tuple[str, str]], features: list[wo
     "a sketch of a [V1] on grass" with [V1] a yellow moon -> ({style: sketch, background: grass},
     [(shape, moon), (colour, yellow)]); a style subject ("a [V2] of a [V1]", [V2]'s class word "painting")
     names its style; a scene subject names its background."""
-    from ..scoring import placeholder_pattern  # one rule for finding placeholders (longest first, word edges)
+    from ..evaluation.clip import placeholder_pattern  # one rule for finding placeholders (longest first, word edges)
     named: dict[str, str] = {}
     tokens = {token: (cls, f) for (token, cls), f in zip(subjects, features)}
     pattern = f"{placeholder_pattern(tokens).pattern}|" if tokens else ""

@@ -22,8 +22,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from diffusers.training_utils import compute_snr
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..families.tiny import SD1_SCHEDULER, build_tokenizer
 from . import render as world
-from ..tiny import SD1_SCHEDULER, build_tokenizer
 
 MAX_LENGTH = 20  # tokens; the longest world caption is 11 with BOS/EOS
 SEED = 0

@@ -10,12 +10,12 @@ from peft import LoraConfig
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .config import PREDICTIONS, TrainConfig
-from .family import SD1, SDXL, family_of
+from ..config import PREDICTIONS, TrainConfig
+from .sd import SD1, SDXL, family_of
 from .tiny import SD1_SCHEDULER, build_tiny
 from .tiny_xl import build_tiny_xl
 
-WORLD_DIR = Path(__file__).parent / "world" / "assets" / "base"  # the pretrained world base (world/pretrain.py), diffusers layout
+WORLD_DIR = Path(__file__).parent.parent / "world" / "assets" / "base"  # the world base (world/pretrain.py), diffusers layout
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections (App. C)
 
 
@@ -46,7 +46,7 @@ class Base:
 def resolve_base(ref: str) -> str:
     """"world" -> the packaged world base's directory; a storage URI (a base the sweep staged there) -> this
     node's cached copy; any other ref (hub id: the node's Hugging Face cache) as given."""
-    from .storage import cached, is_remote
+    from ..storage import cached, is_remote
     if is_remote(ref):
         return str(cached(ref))
     return str(WORLD_DIR) if ref == "world" else ref

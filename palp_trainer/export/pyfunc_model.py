@@ -52,8 +52,8 @@ class PalpPipelineModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from palp_trainer.sampling import pipeline_from
-        from palp_trainer.export import load_adapter
+        from palp_trainer.sampling.pipeline import pipeline_from
+        from palp_trainer.export.adapter import load_adapter
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base, self.manifest = load_adapter(context.artifacts["adapter"], device)
         self.pipe = pipeline_from(self.base)
@@ -61,14 +61,14 @@ class PalpPipelineModel(mlflow.pyfunc.PythonModel):
         self.defaults = {**DEFAULT_PARAMS, **(context.model_config or {}).get("sampling", {})}
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[bytes]:
-        from palp_trainer.sampling import generate
+        from palp_trainer.sampling.pipeline import generate
         p = {**self.defaults, **(params or {})}
         resolution = self.manifest["resolution"]
         if p["method"] == "cfg":
             images = [generate(self.pipe, prompt, (int(p["seed"]),), int(p["steps"]), float(p["guidance_scale"]),
                                1, resolution)[0] for prompt in model_input]
         else:
-            from palp_trainer.guidance import sample
+            from palp_trainer.sampling.guidance import sample
             images = [sample(self.pipe, prompt, p["method"], omega=float(p["omega"]), seeds=(int(p["seed"]),),
                              steps=int(p["steps"]), guidance_scale=float(p["guidance_scale"]), batch_size=1,
                              resolution=resolution, placeholders=self.manifest["placeholders"])[0]

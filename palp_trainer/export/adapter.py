@@ -23,10 +23,10 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .data import DataError, crop_image
-from .export_kohya import export_for_tools, trigger_words
-from .config import TrainConfig, knobs_where
-from .models import Base, add_lora, add_placeholders, load_base
+from ..config import TrainConfig, knobs_where
+from ..data import DataError, crop_image
+from ..families.base import Base, add_lora, add_placeholders, load_base
+from .kohya import export_for_tools, trigger_words
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 XL_EMBEDDINGS = ("clip_l", "clip_g")  # an SDXL embedding file's tensors: the first encoder's, the second's

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 
-from .config import DEFAULT_OMEGA, METHODS, check_omega
-from .family import family_named
-from .sampling import generate
+from ..config import DEFAULT_OMEGA, METHODS, check_omega
+from ..families.sd import family_named
+from .pipeline import generate
 
 
 def sample(pipe, prompt: str, method: str, *, omega: float = DEFAULT_OMEGA, seeds, steps: int,

@@ -17,9 +17,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ..config import GROUP_KNOBS, TrainConfig, group_key, group_refusal
+from ..families.base import Base
 from . import losses
-from .config import GROUP_KNOBS, TrainConfig, group_key, group_refusal
-from .models import Base
 from .task import aligns_at, alignment_score, as_eps, constant_encodings, draw_batch, pretrained_prompts
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import storage
-from .config import TrainConfig
+from .. import storage
+from ..config import TrainConfig
 from .stopwatch import Stopwatch
 
 DECISIONS = "palp-scheduler"  # Ray KV namespace where the driver publishes early-stopping decisions
@@ -111,7 +111,7 @@ class MetricsFile:
 
 def evaluate_and_log(config: TrainConfig, base, step: int, output: Path, log) -> dict:
     """Milestone sampling and scores (every sampling method at the last step), logged to the trial's run."""
-    from .evaluate import evaluate_adapter, evaluate_methods
+    from ..evaluation.milestone import evaluate_adapter, evaluate_methods
 
     scores = evaluate_adapter(config, base, step, output / "samples")
     if step == config.steps and config.eval.methods:
@@ -129,7 +129,7 @@ def evaluate_and_log(config: TrainConfig, base, step: int, output: Path, log) ->
 def load_scorer(config: TrainConfig, placement: Placement, watch: Stopwatch) -> None:
     """Rank 0 loads the eval's scorer once per process (cached), before training, so evaluations time sampling."""
     if config.eval is not None and placement.rank == 0:
-        from .evaluate import scorer_for
+        from ..evaluation.milestone import scorer_for
         with watch("scorer"):
             scorer_for(config.eval, str(placement.device))
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import storage
-from .config import TrainConfig
-from .data import SubjectLatents
-from .export import export_adapter, manifest
-from .group import GroupModel, GroupTask, group_step, make_group_optimizer, member_configs
-from .models import DTYPES, build
+from .. import storage
+from ..config import TrainConfig
+from ..data import SubjectLatents
+from ..export.adapter import export_adapter, manifest
+from ..families.base import DTYPES, build
+from ..objective.group import GroupModel, GroupTask, group_step, make_group_optimizer, member_configs
 from .stopwatch import Stopwatch
 from .worker import (MetricsFile, Placement, evaluate_and_log, load_scorer, localized, log_times, out_of_memory,
                      output_folder, publish, stopped_here)

@@ -15,7 +15,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 from torch import nn
 
-from .models import Base, masters_as
+from ..families.base import Base, masters_as
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 

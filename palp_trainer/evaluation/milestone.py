@@ -6,11 +6,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import EvalConfig, TrainConfig, method_of
-from .data import crop_image
-from .guidance import sample
-from .models import Base
-from .sampling import generate, pipeline_from, save_grid
+from ..config import EvalConfig, TrainConfig, method_of
+from ..data import crop_image
+from ..families.base import Base
+from ..sampling.guidance import sample
+from ..sampling.pipeline import generate, pipeline_from, save_grid
 from .scorers import scorer_kind
 
 NOT_SCORES = ("eval_seconds", "eval_sample_seconds", "samples")  # evaluate_adapter's cost and grid path

@@ -4,7 +4,7 @@ SDXL's parts as `StableDiffusionXLPipeline` expects them: two CLIP text encoders
 its pooled output conditions the UNet), their penultimate hidden states concatenated as the cross-attention
 context ([B, 77, 32 + 32]), and the "text_time" added conditioning (pooled text [32] + 6 time ids x 8).
 
-    python -m palp_trainer.tiny_xl DIR
+    python -m palp_trainer.families.tiny_xl DIR
 """
 
 import argparse
@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .config import TINY_RESOLUTION
+from ..config import TINY_RESOLUTION
 from .tiny import SD1_SCHEDULER, build_tokenizer
 
 TEXT_WIDTH = 32  # each encoder's hidden size; the UNet's context is both, concatenated

@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import (AutoImageProcessor, AutoModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer,
                           ViTConfig, ViTImageProcessorPil, ViTModel)
 
-from .config import TINY_RESOLUTION
+from ..config import TINY_RESOLUTION
 
 SCORE_CONVENTION = "raw cosine (not 2.5x CLIPScore)"
 COMPOSITE_EPS = 1e-6  # cosines <= 0 are clamped here so the log in `composite` stays finite
@@ -56,7 +56,7 @@ def composite(clip_t: float, clip_i: float, weight_text: float = 1.0, weight_ima
 
 
 def _tiny_clip():
-    from .tiny import build_tokenizer
+    from ..families.tiny import build_tokenizer
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)

@@ -5,7 +5,7 @@
 Light to import (recipe validation reads the names): each kind imports its model only in `load`.
 """
 
-from . import config
+from .. import config
 
 
 class ClipScores:
@@ -22,7 +22,7 @@ class ClipScores:
     def load(self, clip_model: str, dino_model: str | None, device: str):
         import torch
 
-        from .scoring import Scorer
+        from .clip import Scorer
         return Scorer(clip_model=clip_model, dino_model=dino_model, device=torch.device(device))
 
     def score(self, model, ev, config, images, references) -> dict:
@@ -40,7 +40,7 @@ class WorldScores:
         return ("judge_text", "judge_subject", "judge_success", "composite")
 
     def load(self, clip_model: str, dino_model: str | None, device: str):
-        from .world.judge import WorldJudge
+        from ..world.judge import WorldJudge
         return WorldJudge()
 
     def score(self, model, ev, config, images, references) -> dict:

@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import storage
-from .config import TrainConfig
-from .data import SubjectLatents
-from .export import export_adapter, manifest
-from .models import DTYPES, Base, build
+from .. import storage
+from ..config import TrainConfig
+from ..data import SubjectLatents
+from ..export.adapter import export_adapter, manifest
+from ..families.base import DTYPES, Base, build
+from ..objective.task import PalpModel, PalpTask
 from .stopwatch import Stopwatch
-from .task import PalpModel, PalpTask
 from .worker import (MetricsFile, Placement, evaluate_and_log, load_scorer, localized, log_times, out_of_memory,
                      output_folder, publish, stopped_here)
 

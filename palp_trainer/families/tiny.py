@@ -2,7 +2,7 @@
 
 Write it as a standard diffusers directory (loadable by `StableDiffusionPipeline.from_pretrained`):
 
-    python -m palp_trainer.tiny DIR
+    python -m palp_trainer.families.tiny DIR
 """
 
 import argparse
@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .config import TINY_RESOLUTION
+from ..config import TINY_RESOLUTION
 
 
 # Whole-word merges for these words, so prompts tokenize into a handful of ids like real CLIP BPE.

@@ -8,9 +8,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ..config import TrainConfig
+from ..families.base import Base, masters_as
 from . import losses
-from .config import TrainConfig
-from .models import Base, masters_as
 
 # NFSD's negative prompt (Katzir et al. 2023, Sec. 4)
 NFSD_NEGATIVE = "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
