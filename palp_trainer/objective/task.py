@@ -73,7 +73,7 @@ class FastPaths:
 
 
 def draw_batch(config: TrainConfig, device: torch.device, generator: torch.Generator, latents, global_batch: int,
-               rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+               rank: int, world_size: int) -> dict[str, torch.Tensor]:
     """Draw the global batch from one CPU generator and keep this rank's slice.
 
     Every rank draws the same numbers, so n workers at batch b see exactly what one worker
