@@ -19,7 +19,8 @@ _SCALE = "_palp_magnitude"  # the elementwise magnitude a tensor is computed fro
 
 
 def magnitude(x: torch.Tensor) -> torch.Tensor:
-    return getattr(x, _SCALE, None) if getattr(x, _SCALE, None) is not None else x.detach().float().abs()
+    tagged = getattr(x, _SCALE, None)
+    return tagged if tagged is not None else x.detach().float().abs()
 
 
 def _abs(c) -> torch.Tensor | float:
